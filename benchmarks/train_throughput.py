@@ -1,0 +1,189 @@
+"""Training throughput, measured against references in the same run.
+
+--part loader   images/s PER LOADER PROCESS of our training dataset (trainable.data, imagefolder
+                kind, 224 px, RandAugment 9, colour jitter 0.4, hflip 0.5) against the plain
+                torchvision PIL pipeline (datasets.ImageFolder + transforms v1: RandomResizedCrop,
+                RandomHorizontalFlip, ColorJitter(0.4, 0.4, 0.4), RandAugment(2, 9), PILToTensor),
+                both through a DataLoader with num_workers=0 (the timed process decodes), on
+                random-content ~500x375 JPEGs written to a temporary image folder. Runs alternate
+                ours/ref; each run is one pass over all images after one untimed pass.
+--part run      whole training runs: trainable.loop.run_throughput(args) (the run half).
+--part all      both.
+
+    python benchmarks/train_throughput.py --part loader --images 256 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# ------------------------------------------------------------------------------------------------
+# Loader half
+# ------------------------------------------------------------------------------------------------
+_SIZES = [(500, 375), (375, 500), (480, 360), (512, 384), (500, 333)]
+
+
+def write_jpeg_folder(root: Path, images: int, classes: int = 4, seed: int = 0) -> Path:
+    """root/train/<class>/*.jpg (`images` in all) and root/val/<class>/*.jpg (one per class).
+
+    Content: low-resolution random colours upsampled (smooth regions and edges, like photos
+    compress) plus pixel noise, saved at JPEG quality 90; sizes around 500x375.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def one(path: Path, k: int) -> None:
+        w, h = _SIZES[k % len(_SIZES)]
+        base = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(base).resize((w, h), Image.BILINEAR), dtype=np.int16)
+        img = img + rng.integers(-20, 21, img.shape, dtype=np.int16)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+    for split, count in (("train", images), ("val", classes)):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for k in range(count):
+            one(root / split / f"class{k % classes}" / f"{k:05d}.jpg", k)
+    return root
+
+
+def _ours(root: Path, size: int) -> torch.utils.data.Dataset:
+    from trainable.config import TrainConfig
+    from trainable.data import build_datasets
+
+    cfg = TrainConfig.model_validate(
+        {
+            "data": {"kind": "imagefolder", "root": str(root), "image_size": size},
+            "augment": {
+                "crop_scale": [0.08, 1.0],  # the reference's RandomResizedCrop default
+                "hflip": 0.5,
+                "color_jitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4},
+                "randaugment": {"num_ops": 2, "magnitude": 9},
+            },
+        }
+    )
+    train, _, _ = build_datasets(cfg)
+    return train
+
+
+def _reference(root: Path, size: int) -> torch.utils.data.Dataset:
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    tf = T.Compose(
+        [
+            T.RandomResizedCrop(size),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.4, 0.4, 0.4),
+            T.RandAugment(2, 9),
+            T.PILToTensor(),
+        ]
+    )
+    return datasets.ImageFolder(str(root / "train"), transform=tf)
+
+
+def _one_pass(loader: torch.utils.data.DataLoader) -> tuple[float, float]:
+    """(images per wall second, images per CPU second of this process). The CPU figure is
+    what one loader process delivers when it has a core to itself; it is the steadier one
+    on a shared machine."""
+    n = 0
+    wall, cpu = time.perf_counter(), time.process_time()
+    for images, _ in loader:
+        n += images.shape[0]
+    return n / (time.perf_counter() - wall), n / (time.process_time() - cpu)
+
+
+def loader_benchmark(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Images/s per loader process, ours vs the torchvision PIL reference; prints medians
+    and the ratio, returns the per-run figures."""
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="loader_bench_") as tmp:
+        root = write_jpeg_folder(Path(tmp), args.images)
+        loaders = {
+            name: torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=False, num_workers=0)
+            for name, ds in (("ours", _ours(root, args.size)), ("ref", _reference(root, args.size)))
+        }
+        torch.manual_seed(0)
+        for loader in loaders.values():  # untimed: page cache, first-call set-up
+            _one_pass(loader)
+        results: dict[str, list[float]] = {f"{name} {clock}": [] for name in loaders for clock in ("wall", "cpu")}
+        for r in range(args.repeats):
+            names = list(loaders) if r % 2 == 0 else list(reversed(loaders))
+            for name in names:
+                wall, cpu = _one_pass(loaders[name])
+                results[f"{name} wall"].append(wall)
+                results[f"{name} cpu"].append(cpu)
+                print(
+                    f"loader run {r + 1}/{args.repeats} {name:4s}: {wall:7.1f} images/s wall, "
+                    f"{cpu:7.1f} images/CPU-s",
+                    flush=True,
+                )
+    med = {key: statistics.median(v) for key, v in results.items()}
+    for clock, unit in (("wall", "images/s"), ("cpu", "images/CPU-s")):
+        print(
+            f"median {clock}: ours (trainable.data, PIL, transforms v2) {med['ours ' + clock]:.1f}, "
+            f"ref (torchvision ImageFolder, transforms v1) {med['ref ' + clock]:.1f} {unit} per loader process; "
+            f"ratio ours/ref {med['ours ' + clock] / med['ref ' + clock]:.3f}"
+        )
+    return results
+
+
+def add_loader_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("loader part")
+    g.add_argument("--images", type=int, default=256, help="JPEG files written and read per run")
+    g.add_argument("--size", type=int, default=224, help="training crop size")
+    g.add_argument("--batch", type=int, default=32, help="loader batch size")
+    g.add_argument("--repeats", type=int, default=5, help="runs per pipeline, interleaved")
+    g.add_argument("--threads", type=int, default=1, help="torch threads in the timed process")
+
+
+# ------------------------------------------------------------------------------------------------
+# Run half: filled by the engineer who owns trainable/loop.py. `run_throughput(args)` lives
+# there; add its command-line options in `add_run_args`.
+# ------------------------------------------------------------------------------------------------
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument_group("run part")
+
+
+def run_part(args: argparse.Namespace) -> Any:
+    try:
+        from trainable.loop import run_throughput  # type: ignore[attr-defined]
+    except ImportError as err:
+        print(f"run part not available yet ({err}); skipped")
+        return None
+    return run_throughput(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["loader", "run", "all"], default="all")
+    add_loader_args(parser)
+    add_run_args(parser)
+    args = parser.parse_args(argv)
+    for key in ("images", "size", "batch", "repeats", "threads"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key} must be >= 1, got {getattr(args, key)}")
+
+    print(f"torch={torch.__version__} threads={args.threads} part={args.part}")
+    if args.part in ("loader", "all"):
+        print(f"loader: images={args.images} size={args.size} batch={args.batch} repeats={args.repeats}")
+        loader_benchmark(args)
+    if args.part in ("run", "all"):
+        run_part(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""`python -m search.export --experiment DIR`: the best trial's complete TrainConfig, with
+provenance, for `python -m trainable.train --config best.yaml`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search.run import SEARCH_INFO, Experiment, recorded_space, summarise
+from trainable.config import ConfigError, TrainConfig, write_atomic
+
+PACKAGES = ("trick-search", "torch", "torchvision", "ray", "optuna")
+
+
+@dataclass
+class Exported:
+    config: TrainConfig
+    provenance: dict[str, Any]
+
+    def to_yaml(self) -> str:
+        data = self.config.model_dump(mode="json")
+        data["provenance"] = self.provenance
+        return "# A complete TrainConfig exported from a trick search; run it with\n" \
+               "#   python -m trainable.train --config <this file>\n" + yaml.safe_dump(data, sort_keys=False)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None) -> Exported:
+    """The `rank`-th best trial (1 = best) among those that ran all their epochs."""
+    from ray.tune import ExperimentAnalysis
+
+    exp_path = str(Path(experiment).expanduser().resolve())
+    if not Path(exp_path).is_dir():
+        raise ConfigError(f"--experiment {experiment}: no such folder")
+    if not (Path(exp_path) / SEARCH_INFO).is_file():
+        raise ConfigError(f"--experiment {experiment}: not an experiment of this tool (no {SEARCH_INFO})")
+    if rank < 1:
+        raise ConfigError(f"--rank {rank}: must be >= 1")
+    space, info = recorded_space(exp_path)
+    try:
+        analysis = ExperimentAnalysis(exp_path)
+    except Exception as err:  # no experiment state written yet
+        raise ConfigError(f"--experiment {experiment}: no trial results yet ({err})") from None
+    rows = [r for r in summarise(_Results(analysis), space) if r.status == "done" and r.best is not None]
+    if not rows:
+        raise ConfigError(f"--experiment {experiment}: no trial has finished all its epochs yet")
+    if rank > len(rows):
+        raise ConfigError(f"--rank {rank}: only {len(rows)} finished trials")
+    row = rows[rank - 1]
+    cfg = space.config_for(row.values)
+    if num_workers is not None:
+        if num_workers < 1:
+            raise ConfigError(f"--num-workers {num_workers}: must be >= 1")
+        cfg = cfg.with_num_workers(num_workers)
+    exp = Experiment(str(Path(exp_path).parent), Path(exp_path).name)
+    provenance = {
+        "experiment": exp.path,
+        "trial_id": row.trial_id,
+        "rank": rank,
+        f"best_{space.experiment.metric}": row.best,
+        "epochs_run": row.epochs,
+        "searched": row.values,
+        "space_file": info["space_file"],
+        "space_sha256": info["sha256"],
+        "overrides": info["overrides"],
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+    }
+    return Exported(cfg, provenance)
+
+
+class _Results:
+    """ExperimentAnalysis's trials in the shape `summarise` reads (like a ResultGrid)."""
+
+    def __init__(self, analysis: Any) -> None:
+        self._items = []
+        dfs = analysis.trial_dataframes
+        for trial in analysis.trials:
+            self._items.append(_Result(trial, dfs.get(trial.path)))
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._items)
+
+
+@dataclass
+class _Result:
+    trial: Any
+    metrics_dataframe: Any
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return {**(self.trial.last_result or {}), "trial_id": self.trial.trial_id}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.trial.config
+
+    @property
+    def error(self) -> Any:
+        return self.trial.status == "ERROR"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m search.export", description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", required=True, help="experiment folder (<storage>/<name>)")
+    p.add_argument("--out", default="best.yaml", help="file to write (default best.yaml; never overwritten)")
+    p.add_argument("--num-workers", type=int, help="re-derive the accumulation for this many workers")
+    p.add_argument("--rank", type=int, default=1, help="export the K-th best trial (default 1)")
+    args = p.parse_args(argv)
+    try:
+        exported = export_trial(args.experiment, args.rank, args.num_workers)
+        write_atomic(args.out, exported.to_yaml())
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    prov = exported.provenance
+    metric = next(k for k in prov if k.startswith("best_"))
+    print(f"wrote {args.out}: trial {prov['trial_id']} ({metric} {prov[metric]:.4f}, {prov['epochs_run']} epochs)")
+    print(f"train it:  python -m trainable.train --config {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""One training run: the function every Ray Train worker runs.
+
+Read it top to bottom: set-up (model, SyncBN, DDP, optimizer, schedule, data), resume
+from a checkpoint, then per epoch: train with mixing and accumulation, validate exactly
+over the whole validation set, report metrics and a checkpoint to Ray Train.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models import create_model
+from trainable.config import TrainConfig
+from trainable.data import MEAN, STD, Loaders, build_loaders, normalize
+from trainable.mix import Mixer, soft_target_cross_entropy
+from trainable.optim import build_optimizer, build_scheduler
+from trainable.step import optimizer_update
+from trainable.syncbn import convert_sync_batchnorm
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+TENSORBOARD_DIR = "tensorboard"
+METRICS = (
+    "val_acc", "val_acc5", "val_loss", "best_val_acc", "train_loss", "lr", "epoch",
+    "images_per_s", "accum_steps", "global_batch",
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# Resolved run settings -----------------------------------------------------------------------
+@dataclass
+class Precision:
+    """What `auto` resolves to on this device."""
+
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    sync_bn: bool
+    scaler: torch.amp.GradScaler | None
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device, world_size: int) -> Precision:
+    d = cfg.distributed
+    cuda = device.type == "cuda"
+    amp = ("bf16" if cuda else "off") if d.amp == "auto" else d.amp
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    channels_last = cuda if d.channels_last == "auto" else bool(d.channels_last)
+    sync_bn = world_size > 1 if d.sync_bn == "auto" else bool(d.sync_bn)
+    return Precision(dtype, channels_last, sync_bn, scaler)
+
+
+# Model -----------------------------------------------------------------------------------------------
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Load a checkpoint of this project (`state.pt`) or a timm-format state dict; a
+    classifier whose class count differs keeps its fresh initialisation."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    head = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]
+    for k in head:
+        del state[k]
+    missing, unexpected = model.load_state_dict(state, strict=not head)
+    if unexpected or [k for k in missing if k not in head]:
+        raise ValueError(f"{path}: does not fit the model (missing {missing}, unexpected {unexpected})")
+    if head:
+        logger.info("%s: classifier re-initialised for %d classes", path, own["fc.weight"].shape[0])
+
+
+def build_model(cfg: TrainConfig, num_classes: int, device: torch.device, precision: Precision) -> nn.Module:
+    m = cfg.model
+    model = create_model(m.name, num_classes=num_classes, small_input=m.small_input, zero_init_last=m.zero_init_last)
+    if m.pretrained:
+        load_pretrained(model, m.pretrained)
+    if precision.sync_bn:
+        model = convert_sync_batchnorm(model, device)
+    model = model.to(device)
+    if precision.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    if world_size == 1 or not dist.is_initialized():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+# RNG state ------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state(mixer_gen: torch.Generator) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "mixer": mixer_gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], mixer_gen: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    mixer_gen.set_state(state["mixer"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def all_gather(obj: Any, world_size: int) -> list[Any]:
+    if world_size == 1 or not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+# TensorBoard ----------------------------------------------------------------------------------------
+class TensorBoard:
+    """Rank 0's event writer. On a remote storage (s3://, gs://) the events are written
+    locally and copied to the run's folder after every epoch."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.writer = None
+        self._remote: tuple[Any, str] | None = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        logdir = self._logdir()
+        self.writer = SummaryWriter(log_dir=logdir)
+
+    def _logdir(self) -> str:
+        import pyarrow.fs
+
+        try:
+            import ray.train
+
+            storage = ray.train.get_context().get_storage()
+            fs, exp_path = storage.storage_filesystem, storage.experiment_fs_path
+        except Exception:  # outside Ray Train (tests, benchmarks)
+            return tempfile.mkdtemp(prefix="tensorboard-")
+        target = f"{exp_path}/{TENSORBOARD_DIR}"
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            return target
+        self._remote = (fs, target)
+        return tempfile.mkdtemp(prefix="tensorboard-")
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}{k}", v, step)
+
+    def images(self, tag: str, images: torch.Tensor, step: int) -> None:
+        if self.writer is not None:
+            from torchvision.utils import make_grid
+
+            self.writer.add_image(tag, make_grid(images, nrow=8), step)
+
+    def flush(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.flush()
+        if self._remote is not None:
+            import pyarrow.fs
+
+            fs, target = self._remote
+            pyarrow.fs.copy_files(self.writer.log_dir, target, destination_filesystem=fs)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.flush()
+            self.writer.close()
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, -1, 1, 1)
+    return ((images.float() * std + mean) / 255.0).clamp(0, 1).cpu()
+
+
+# Validation -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(model: nn.Module, loaders: Loaders, device: torch.device, precision: Precision) -> dict[str, float]:
+    """Exact top-1/top-5/loss over the whole validation set: every rank evaluates its
+    disjoint shard and the sums are all-reduced."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, count
+    k = min(5, loaders.num_classes)
+    for images, targets in loaders.val:
+        images = normalize(images.to(device, non_blocking=True), precision.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        topk = logits.topk(k, dim=1).indices
+        hit = topk == targets[:, None]
+        sums[0] += hit[:, 0].sum()
+        sums[1] += hit.any(dim=1).sum()
+        sums[2] += F.cross_entropy(logits, targets, reduction="sum")
+        sums[3] += targets.numel()
+    all_reduce_sum(sums)
+    c1, c5, loss, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"val_acc": c1 / n, "val_acc5": c5 / n, "val_loss": loss / n}
+
+
+# The run -----------------------------------------------------------------------------------------------
+def _context() -> tuple[int, int, torch.device]:
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not any(getattr(h, "_trick_search", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._trick_search = True  # type: ignore[attr-defined]
+        for name in ("trainable", "models"):
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).setLevel(logging.INFO)
+            logging.getLogger(name).propagate = False
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not every report's full dict
+
+
+def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
+    """The Ray Train worker function: `TorchTrainer(train_loop_per_worker,
+    train_loop_config=cfg.model_dump(mode="json"), ...)`."""
+    import ray.train
+
+    _configure_logging()
+    cfg = TrainConfig.model_validate(config_dict)
+    rank, world_size, device = _context()
+    run_training(cfg, rank, world_size, device, report=ray.train.report, checkpoint=ray.train.get_checkpoint())
+
+
+def run_training(
+    cfg: TrainConfig,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    report: Any,
+    checkpoint: Any = None,
+    max_updates: int | None = None,
+) -> None:
+    """Train `cfg` on this worker. `report(metrics, checkpoint=...)` receives every epoch's
+    metrics; `checkpoint` is a `ray.train.Checkpoint` to resume from, or None.
+    `max_updates` stops each epoch early (benchmarks only)."""
+    if cfg.distributed.num_workers != world_size:
+        cfg = cfg.with_num_workers(world_size)
+    accum = cfg.accum_steps
+    precision = resolve_precision(cfg, device, world_size)
+    seed_everything(cfg.run.seed * 1000 + rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    loaders = build_loaders(cfg, rank, world_size, cfg.run.seed)
+    if loaders.skipped and rank == 0:
+        logger.warning("skipped %d corrupt image files", loaders.skipped)
+    model = build_model(cfg, loaders.num_classes, device, precision)
+    ddp_model = wrap_ddp(model, device, world_size)
+    optimizer = build_optimizer(model, cfg)
+    updates_per_epoch = len(loaders.train) // accum
+    if updates_per_epoch < 1:
+        raise ValueError(
+            f"the training set ({loaders.num_train} images) is smaller than one update of "
+            f"batch.global_batch {cfg.batch.global_batch}"
+        )
+    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    mixer = Mixer(cfg.mix, loaders.num_classes, cfg.label_smoothing)
+    mixer_gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank)
+
+    start_epoch, best_val_acc = 0, 0.0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if precision.scaler is not None and state.get("scaler"):
+            precision.scaler.load_state_dict(state["scaler"])
+        start_epoch, best_val_acc = state["epoch"], state.get("best_val_acc", 0.0)
+        rngs = state.get("rng", [])
+        if len(rngs) == world_size:
+            set_rng_state(rngs[rank], mixer_gen)
+        else:  # another world size: a fresh but deterministic stream
+            seed_everything(cfg.run.seed * 1000 + rank + 7919 * start_epoch)
+        if rank == 0:
+            logger.info("resumed from epoch %d", start_epoch)
+
+    tb = TensorBoard(enabled=rank == 0)
+    val_metrics = {"val_acc": 0.0, "val_acc5": 0.0, "val_loss": float("nan")}
+    per_update_images = cfg.batch.global_batch
+    try:
+        for epoch in range(start_epoch, cfg.run.epochs):
+            loaders.train_sampler.set_epoch(epoch)
+            ddp_model.train()
+            loss_sum = torch.zeros((), device=device)
+            bad_step = torch.full((), -1, dtype=torch.long, device=device)
+            batches = iter(loaders.train)
+            n_updates = updates_per_epoch if max_updates is None else min(max_updates, updates_per_epoch)
+            start = time.perf_counter()
+            for update in range(n_updates):
+                micro = []
+                for _ in range(accum):
+                    images, targets = next(batches)
+                    images = normalize(images.to(device, non_blocking=True), precision.channels_last)
+                    targets = targets.to(device, non_blocking=True)
+                    micro.append(mixer(images, targets, generator=mixer_gen))
+                if epoch == start_epoch == 0 and update == 0 and rank == 0:
+                    tb.images("train/augmented_mixed_batch", denormalize(micro[0][0][:32]), 0)
+                loss = optimizer_update(
+                    ddp_model, optimizer, micro, soft_target_cross_entropy,
+                    scaler=precision.scaler, autocast_dtype=precision.autocast_dtype, device_type=device.type,
+                )
+                step = epoch * updates_per_epoch + update
+                lr = optimizer.param_groups[0]["lr"]
+                scheduler.step()
+                loss_sum += loss
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+                if (update + 1) % cfg.run.log_every == 0 or update + 1 == n_updates:
+                    _check_finite(bad_step, epoch, updates_per_epoch, lr)
+                    if rank == 0:
+                        tb.scalars({"train/loss": loss.item(), "train/lr": lr}, step)
+            elapsed = time.perf_counter() - start
+            train_loss = all_reduce_sum(loss_sum.detach().clone()).item() / (world_size * n_updates)
+
+            last = epoch + 1 == cfg.run.epochs
+            if (epoch + 1) % cfg.run.val_every == 0 or last:
+                val_metrics = validate(ddp_model, loaders, device, precision)
+                best_val_acc = max(best_val_acc, val_metrics["val_acc"])
+            metrics = {
+                **val_metrics,
+                "best_val_acc": best_val_acc,
+                "train_loss": train_loss,
+                "lr": optimizer.param_groups[0]["lr"],
+                "epoch": epoch + 1,
+                "images_per_s": per_update_images * n_updates / elapsed,
+                "accum_steps": accum,
+                "global_batch": cfg.batch.global_batch,
+            }
+            if rank == 0:
+                tb.scalars({k: metrics[k] for k in METRICS if k not in ("epoch",)}, epoch + 1, prefix="epoch/")
+                tb.flush()
+                logger.info(
+                    "epoch %d/%d  val_acc %.4f  val_loss %.4f  train_loss %.4f  lr %.4g  %.0f img/s",
+                    epoch + 1, cfg.run.epochs, metrics["val_acc"], metrics["val_loss"],
+                    train_loss, metrics["lr"], metrics["images_per_s"],
+                )
+            save = (epoch + 1) % cfg.run.checkpoint_every == 0 or last
+            rngs = all_gather(rng_state(mixer_gen), world_size) if save else None
+            if save and rank == 0:
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
+                    "epoch": epoch + 1,
+                    "best_val_acc": best_val_acc,
+                    "rng": rngs,
+                    "config": cfg.model_dump(mode="json"),
+                    "classes": loaders.classes,
+                }
+                _report_with_checkpoint(report, metrics, state)
+            else:
+                report(metrics, checkpoint=None)
+    finally:
+        tb.close()
+
+
+def _check_finite(bad_step: torch.Tensor, epoch: int, updates_per_epoch: int, lr: float) -> None:
+    """Stop every rank together when any rank saw a non-finite loss (one small all-reduce,
+    only at logging points)."""
+    flag = bad_step.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    step = int(flag.item())
+    if step >= 0:
+        raise TrainingDiverged(
+            f"diverged: non-finite loss at epoch {step // updates_per_epoch + 1}, "
+            f"step {step} (update {step % updates_per_epoch + 1} of the epoch), lr {lr:.4g}; "
+            "lower optimizer.base_lr or lengthen schedule.warmup_epochs"
+        )
+
+
+def _report_with_checkpoint(report: Any, metrics: dict[str, float], state: dict[str, Any]) -> None:
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as d:
+        torch.save(state, os.path.join(d, CHECKPOINT_FILE))
+        report(metrics, checkpoint=Checkpoint.from_directory(d))
+

@@ -1,0 +1,172 @@
+"""Optimizers (SGD, LARS) and the learning-rate schedule (warmup + cosine or step)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from trainable.config import ConfigError, ScheduleConfig, TrainConfig
+
+__all__ = ["LARS", "build_optimizer", "build_scheduler", "lr_factor"]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al., 2017).
+
+    For each parameter of a group with `lars_exclude=False`:
+        local_lr = trust * ||w|| / (||g|| + wd * ||w||)   (1 when ||w|| or ||g|| is 0)
+        d = (g + wd * w) * local_lr
+    then, as SGD: buf = momentum * buf + d (buf = d at the first step),
+    step = d + momentum * buf with nesterov else buf, and w -= lr * step.
+    Groups with `lars_exclude=True` (BN parameters and biases) skip the trust ratio.
+    The ratio stays a device tensor: no host-device sync.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust: float = 0.001,
+        nesterov: bool = False,
+        lars_exclude: bool = False,
+    ) -> None:
+        if lr < 0.0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"invalid momentum {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"invalid weight_decay {weight_decay}")
+        if trust <= 0.0:
+            raise ValueError(f"invalid trust coefficient {trust}")
+        if nesterov and momentum <= 0.0:
+            raise ValueError("nesterov momentum requires momentum > 0")
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust, nesterov=nesterov, lars_exclude=lars_exclude
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+            trust, nesterov, exclude = group["trust"], group["nesterov"], group["lars_exclude"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                d = g.add(p, alpha=wd) if wd != 0.0 else g.clone()
+                if not exclude:
+                    w_norm = torch.linalg.vector_norm(p)
+                    g_norm = torch.linalg.vector_norm(g)
+                    ratio = torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        trust * w_norm / (g_norm + wd * w_norm),
+                        torch.ones_like(w_norm),
+                    )
+                    d.mul_(ratio)
+                if momentum != 0.0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = d.clone()
+                        state["momentum_buffer"] = buf
+                    else:
+                        buf.mul_(momentum).add_(d)
+                    d = d.add(buf, alpha=momentum) if nesterov else buf
+                p.add_(d, alpha=-lr)
+        return loss
+
+
+def _groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> list[dict]:
+    """[ndim > 1 params, ndim <= 1 params]; the second without decay when no_bias_decay."""
+    if no_bias_decay:
+        from models import param_groups
+
+        return param_groups(model, weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": weight_decay},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or LARS at lr = base_lr * global_batch / 256.
+
+    Groups: weights (ndim > 1) with weight decay; BN parameters and biases (ndim <= 1)
+    without it when `optimizer.no_bias_decay`. With LARS the ndim <= 1 group is also
+    excluded from the trust ratio.
+    """
+    o = cfg.optimizer
+    if o.nesterov and o.momentum <= 0.0:
+        raise ConfigError(f"optimizer.nesterov: requires optimizer.momentum > 0 (got {o.momentum})")
+    groups = _groups(model, o.weight_decay, o.no_bias_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    if o.name == "lars":
+        groups[0]["lars_exclude"] = False
+        groups[1]["lars_exclude"] = True
+        return LARS(
+            groups, lr=cfg.lr, momentum=o.momentum, weight_decay=o.weight_decay, trust=o.lars_trust, nesterov=o.nesterov
+        )
+    raise ValueError(f"unknown optimizer {o.name!r}")
+
+
+def lr_factor(
+    update: int,
+    total_updates: int,
+    warmup_updates: int,
+    cfg_schedule: ScheduleConfig,
+    updates_per_epoch: int,
+) -> float:
+    """Multiplier of the peak LR at optimizer update `update` (0-based).
+
+    Linear warmup from `warmup_start_factor` (update 0) to 1.0 (update `warmup_updates`),
+    then cosine from 1.0 to `min_lr_factor` (reached at `total_updates`), or `step`:
+    times `step_gamma` at each milestone epoch (update milestone * updates_per_epoch).
+    """
+    if updates_per_epoch < 1:
+        raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch}")
+    if total_updates < 1:
+        raise ValueError(f"total_updates must be >= 1, got {total_updates}")
+    warmup_updates = max(0, warmup_updates)
+    s = cfg_schedule
+    if update < warmup_updates:
+        warm = s.warmup_start_factor + (1.0 - s.warmup_start_factor) * update / warmup_updates
+    else:
+        warm = 1.0
+    if s.name == "cosine":
+        if update < warmup_updates:
+            return warm
+        progress = min(1.0, max(0.0, (update - warmup_updates) / max(1, total_updates - warmup_updates)))
+        return s.min_lr_factor + (1.0 - s.min_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if s.name == "step":
+        passed = sum(1 for m in s.step_milestones if update >= m * updates_per_epoch)
+        return warm * s.step_gamma**passed
+    raise ValueError(f"unknown schedule {s.name!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int) -> LambdaLR:
+    """LambdaLR stepped once per optimizer update over epochs * updates_per_epoch updates.
+
+    The schedule comes from the config, not the state dict (a plain function is not
+    saved by LambdaLR), so state_dict holds only the position. To resume: build the
+    optimizer and this scheduler, then load the optimizer's state, then the scheduler's.
+    """
+    total = cfg.run.epochs * updates_per_epoch
+    warmup = round(cfg.schedule.warmup_epochs * updates_per_epoch)
+    schedule = cfg.schedule.model_copy()
+
+    def factor(update: int) -> float:
+        return lr_factor(update, total, warmup, schedule, updates_per_epoch)
+
+    return LambdaLR(optimizer, factor)
