@@ -28,6 +28,7 @@ SEARCH_INFO = "search.json"
 RUNS_DIR = "runs"
 TRIAL_NAME_PREFIX = "trial_"
 DRIVER_MEMORY = 2**20
+STORAGE_ENV = "TRICK_SEARCH_STORAGE"  # the default --storage-path (set once per cluster)
 
 
 # The experiment folder --------------------------------------------------------------------------------
@@ -252,6 +253,7 @@ def prepare(
     sets = list(overrides)
     if name:
         sets.append(f"experiment.name={name}")
+    storage_path = storage_path or os.environ.get(STORAGE_ENV)
     if storage_path:
         sets.append(f"experiment.storage_path={storage_path}")
     space = load_space(resolve_space_path(space_path) if space_path else QUICKSTART, sets)

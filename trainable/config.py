@@ -214,6 +214,8 @@ class TrainConfig(_Section):
         the accumulation is re-derived, and the micro-batch shrinks only when no whole
         accumulation reaches the global batch with it."""
         gb, micro = self.batch.global_batch, self.batch.micro_batch
+        if num_workers < 1:
+            raise ConfigError(f"num_workers {num_workers}: must be >= 1")
         if gb % num_workers:
             raise ConfigError(
                 f"batch.global_batch {gb} cannot be split over {num_workers} workers "
@@ -261,12 +263,38 @@ LEAF_PATHS: dict[str, Any] = _fields(TrainConfig)
 
 
 def nearest_path(path: str, candidates: list[str] | None = None) -> str | None:
+    """The valid key path a misspelt one most likely meant: first by its last part among
+    keys of the same section, then among all keys, then by the whole path."""
     cands = candidates if candidates is not None else list(LEAF_PATHS)
-    near = difflib.get_close_matches(path, cands, n=1, cutoff=0.5)
-    if not near:
-        leaf = path.rsplit(".", 1)[-1]
-        near = [c for c in cands if c.rsplit(".", 1)[-1] == leaf][:1]
+    parent, _, leaf = path.rpartition(".")
+    same = [c for c in cands if c.rpartition(".")[0] == parent]
+    for pool in (same, cands):
+        leaves: dict[str, str] = {}
+        for c in pool:
+            leaves.setdefault(c.rpartition(".")[2], c)
+        near = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        if near:
+            return leaves[near[0]]
+    near = difflib.get_close_matches(path, cands, n=1, cutoff=0.6)
     return near[0] if near else None
+
+
+def allowed_range(path: str) -> str | None:
+    """`0 < value <= 100` from a field's bounds, or None for a field without any."""
+    info = LEAF_PATHS.get(path)
+    if info is None:
+        return None
+    lo = hi = ""
+    for m in info.metadata:
+        if getattr(m, "gt", None) is not None:
+            lo = f"{m.gt} < "
+        elif getattr(m, "ge", None) is not None:
+            lo = f"{m.ge} <= "
+        elif getattr(m, "lt", None) is not None:
+            hi = f" < {m.lt}"
+        elif getattr(m, "le", None) is not None:
+            hi = f" <= {m.le}"
+    return f"{lo}value{hi}" if lo or hi else None
 
 
 def _section_paths(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
@@ -295,7 +323,8 @@ def explain(err: ValidationError, source: str | None = None) -> str:
         msg = msg.removeprefix(prefix)
     got = e.get("input")
     if path and e["type"] not in ("value_error", "missing") and not isinstance(got, dict):
-        msg = f"{msg} (got {got!r})"
+        allowed = allowed_range(path)
+        msg = f"{msg} (got {got!r}); allowed: {allowed}" if allowed else f"{msg} (got {got!r})"
     if e["type"] == "missing":
         msg = "required"
     if path and msg.startswith(path + "."):  # a section's validator names the key itself
@@ -362,6 +391,8 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
         text = p.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a UTF-8 text file") from None
     except OSError as err:
         raise ConfigError(f"{p}: cannot read ({err.strerror})") from None
     try:
@@ -398,8 +429,16 @@ def write_atomic(path: str | os.PathLike[str], text: str, overwrite: bool = Fals
         if overwrite:
             os.replace(tmp, p)
         else:
-            os.link(tmp, p)  # fails if p appeared meanwhile
-            os.unlink(tmp)
+            try:
+                os.link(tmp, p)  # fails if p appeared meanwhile
+            except FileExistsError:
+                raise ConfigError(f"{p}: already exists; choose another path (nothing was overwritten)") from None
+            except OSError:  # a filesystem without hard links
+                if p.exists():
+                    raise ConfigError(f"{p}: already exists; choose another path (nothing was overwritten)") from None
+                os.replace(tmp, p)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -334,6 +334,7 @@ def run_training(
             ddp_model.train()
             loss_sum = torch.zeros((), device=device)
             bad_step = torch.full((), -1, dtype=torch.long, device=device)
+            window_lrs: dict[int, float] = {}  # LR of each update since the last check
             batches = iter(loaders.train)
             n_updates = updates_per_epoch if max_updates is None else min(max_updates, updates_per_epoch)
             start = time.perf_counter()
@@ -351,12 +352,13 @@ def run_training(
                     scaler=precision.scaler, autocast_dtype=precision.autocast_dtype, device_type=device.type,
                 )
                 step = epoch * updates_per_epoch + update
-                lr = optimizer.param_groups[0]["lr"]
+                lr = window_lrs[step] = optimizer.param_groups[0]["lr"]
                 scheduler.step()
                 loss_sum += loss
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
                 if (update + 1) % cfg.run.log_every == 0 or update + 1 == n_updates:
-                    _check_finite(bad_step, epoch, updates_per_epoch, lr)
+                    _check_finite(bad_step, updates_per_epoch, window_lrs)
+                    window_lrs.clear()
                     if rank == 0:
                         tb.scalars({"train/loss": loss.item(), "train/lr": lr}, step)
             elapsed = time.perf_counter() - start
@@ -405,7 +407,7 @@ def run_training(
         tb.close()
 
 
-def _check_finite(bad_step: torch.Tensor, epoch: int, updates_per_epoch: int, lr: float) -> None:
+def _check_finite(bad_step: torch.Tensor, updates_per_epoch: int, lrs: dict[int, float]) -> None:
     """Stop every rank together when any rank saw a non-finite loss (one small all-reduce,
     only at logging points)."""
     flag = bad_step.clone()
@@ -415,7 +417,7 @@ def _check_finite(bad_step: torch.Tensor, epoch: int, updates_per_epoch: int, lr
     if step >= 0:
         raise TrainingDiverged(
             f"diverged: non-finite loss at epoch {step // updates_per_epoch + 1}, "
-            f"step {step} (update {step % updates_per_epoch + 1} of the epoch), lr {lr:.4g}; "
+            f"step {step} (update {step % updates_per_epoch + 1} of the epoch), lr {lrs.get(step, float('nan')):.4g}; "
             "lower optimizer.base_lr or lengthen schedule.warmup_epochs"
         )
 

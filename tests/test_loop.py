@@ -1,0 +1,124 @@
+"""The training run end to end: in one process, and through Ray Train with 2 gloo workers."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import PYTHON, ROOT, cli_env
+from trainable.config import validate_config
+from trainable.loop import METRICS, TENSORBOARD_DIR, TrainingDiverged, run_training
+
+FAST = {
+    # resnet18_vd with the ImageNet stem: small enough for a 2-core CI machine
+    "model": {"name": "resnet18_vd", "small_input": False},
+    "data": {"kind": "digits", "image_size": 32},
+    "batch": {"global_batch": 64, "micro_batch": 16},
+    "optimizer": {"base_lr": 0.4},
+    "schedule": {"warmup_epochs": 0.5},
+    "run": {"epochs": 3, "log_every": 10},
+}
+
+
+def _cfg(**sections):
+    data = yaml.safe_load(yaml.safe_dump(FAST))
+    for k, v in sections.items():
+        data.setdefault(k, {})
+        if isinstance(v, dict):
+            data[k].update(v)
+        else:
+            data[k] = v
+    return validate_config(data)
+
+
+def test_in_process_run_learns_and_reports_every_metric(monkeypatch):
+    cfg = _cfg(distributed={"num_workers": 1}, run={"epochs": 2}, mix={"mode": "cutmix"})
+    reports = []
+    monkeypatch.setattr("trainable.loop._report_with_checkpoint", lambda report, m, state: report(m))
+    run_training(cfg, 0, 1, torch.device("cpu"), report=lambda m, checkpoint=None: reports.append(m))
+    assert [r["epoch"] for r in reports] == [1, 2]
+    assert set(METRICS) <= set(reports[-1])
+    assert reports[-1]["accum_steps"] == 4 and reports[-1]["global_batch"] == 64
+    assert reports[-1]["val_acc"] > 0.5  # 10 classes: chance is 0.1
+    assert reports[-1]["val_acc5"] >= reports[-1]["val_acc"]
+    assert reports[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine reaches its floor
+
+
+def test_non_finite_loss_stops_with_epoch_step_and_lr(monkeypatch):
+    cfg = _cfg(distributed={"num_workers": 1}, run={"epochs": 1, "log_every": 3})
+    import trainable.loop as loop
+
+    real = loop.normalize
+    monkeypatch.setattr(loop, "normalize", lambda x, cl=False: real(x, cl) * float("nan"))
+    with pytest.raises(TrainingDiverged) as err:
+        run_training(cfg, 0, 1, torch.device("cpu"), report=lambda m, checkpoint=None: None)
+    msg = str(err.value)
+    assert msg.startswith("diverged: non-finite loss at epoch 1, step 0")
+    assert "lr 0.01" in msg  # warmup starts at 0.1 x lr (0.1 x 0.4 x 64/256)
+
+
+# Through Ray Train ---------------------------------------------------------------------------------
+def test_ray_train_two_workers_learn_report_and_write_tensorboard(ray_address, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from trainable.train import build_trainer
+
+    cfg = _cfg(mix={"mode": "mixup"}, augment={"randaugment": {"magnitude": 9}})
+    result = build_trainer(cfg, "digits2", str(tmp_path)).fit()
+    m = result.metrics
+    assert set(METRICS) <= set(m)
+    assert m["epoch"] == 3 and m["accum_steps"] == 2 and m["global_batch"] == 64
+    assert m["val_acc"] > 0.5, m
+    assert result.checkpoint is not None and (Path(result.checkpoint.path) / "state.pt").is_file()
+
+    events = list((tmp_path / "digits2" / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+    assert events, "rank 0 writes TensorBoard events into the run folder"
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 4, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("epoch/val_acc")] == [1, 2, 3]
+    assert "train/loss" in acc.Tags()["scalars"]
+    assert "train/augmented_mixed_batch" in acc.Tags()["images"]
+
+
+def _write_config(path: Path, **sections) -> Path:
+    path.write_text(_cfg(**sections).to_yaml())
+    return path
+
+
+def test_killed_run_resumes_from_its_checkpoint(ray_address, tmp_path):
+    config = _write_config(tmp_path / "run.yaml", run={"epochs": 4})
+    cmd = [PYTHON, "-m", "trainable.train", "--config", str(config), "--address", ray_address,
+           "--storage-path", str(tmp_path / "runs"), "--name", "resumable"]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    seen = []
+    deadline = time.monotonic() + 300
+    try:
+        for line in first.stdout:  # wait until epoch 2 is reported: epoch 1's checkpoint is safe
+            seen.append(line)
+            if re.search(r"epoch 2/4", line) or time.monotonic() > deadline:
+                break
+    finally:
+        import os
+
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    assert any("epoch 2/4" in s for s in seen), "".join(seen[-20:])
+
+    second = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=400)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    resumed = re.search(r"resumed from epoch (\d+)", out)
+    assert resumed, out[-3000:]
+    start = int(resumed.group(1))
+    assert start >= 1
+    epochs_run = [int(e) for e in re.findall(r"epoch (\d+)/4", out)]
+    assert epochs_run and epochs_run[0] == start + 1 and epochs_run[-1] == 4
+    assert "after 4 epochs" in out
