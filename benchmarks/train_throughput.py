@@ -7,10 +7,16 @@
                 both through a DataLoader with num_workers=0 (the timed process decodes), on
                 random-content ~500x375 JPEGs written to a temporary image folder. Runs alternate
                 ours/ref; each run is one pass over all images after one untimed pass.
---part run      whole training runs: trainable.loop.run_throughput(args) (the run half).
+--part run      global images/s of whole training runs of the default TrainConfig() (digits,
+                resnet18_vd small_input 32 px, global batch 128 = micro 32 x 2 workers x 2)
+                through Ray Train (build_trainer: TorchTrainer, DDP over 2 CPU workers of 1 CPU)
+                against the same config in this process without Ray (world size 1, 2 torch
+                threads, accumulation 4). Per run: the median of the per-epoch `images_per_s`
+                after epoch 1. Runs alternate ray/single.
 --part all      both.
 
     python benchmarks/train_throughput.py --part loader --images 256 --repeats 5
+    python benchmarks/train_throughput.py --part run --epochs 3 --subset 0.5
 """
 
 from __future__ import annotations
@@ -150,19 +156,123 @@ def add_loader_args(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Run half: filled by the engineer who owns trainable/loop.py. `run_throughput(args)` lives
-# there; add its command-line options in `add_run_args`.
+# Run half
 # ------------------------------------------------------------------------------------------------
+def run_config(args: argparse.Namespace) -> Any:
+    """TrainConfig() with the run part's options applied (--set first, then --epochs,
+    --subset, --workers)."""
+    from trainable.config import apply_overrides, validate_config
+
+    data = apply_overrides({}, list(args.set))
+    data.setdefault("run", {})["epochs"] = args.epochs
+    data["run"]["checkpoint_every"] = 1  # every epoch's metrics come back with its checkpoint
+    if args.subset is not None:
+        data.setdefault("data", {})["subset"] = args.subset
+    cfg = validate_config(data, "--set")
+    if args.workers is not None and args.workers != cfg.distributed.num_workers:
+        cfg = cfg.with_num_workers(args.workers)
+    return cfg
+
+
+def _steady(per_epoch: list[float]) -> float:
+    """Median images/s over the epochs after the first (all of them when there is one)."""
+    return statistics.median(per_epoch[1:] if len(per_epoch) > 1 else per_epoch)
+
+
+def _ray_run(cfg: Any, storage: str, name: str) -> tuple[list[float], float]:
+    """(per-epoch images/s, wall seconds) of one Ray Train run of cfg."""
+    from trainable.train import build_trainer
+
+    wall = time.perf_counter()
+    result = build_trainer(cfg, name, storage, keep_checkpoints=None).fit()
+    wall = time.perf_counter() - wall
+    if result.error is not None:
+        raise RuntimeError(f"Ray Train run failed: {result.error}")
+    df = result.metrics_dataframe.sort_values("epoch")
+    return [float(v) for v in df["images_per_s"]], wall
+
+
+def _single_run(cfg: Any, threads: int) -> tuple[list[float], float]:
+    """(per-epoch images/s, wall seconds) of the same run in this process: one worker, no
+    Ray, no DDP, `threads` torch threads."""
+    from trainable.loop import run_training
+
+    cfg1 = cfg.with_num_workers(1)
+    per_epoch: list[float] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    wall = time.perf_counter()
+    try:
+        run_training(cfg1, 0, 1, torch.device("cpu"),
+                     report=lambda m, checkpoint=None: per_epoch.append(float(m["images_per_s"])))
+    finally:
+        torch.set_num_threads(before)
+    return per_epoch, time.perf_counter() - wall
+
+
+def run_throughput(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Global images/s of whole training runs through Ray Train (TorchTrainer, DDP over
+    `distributed.num_workers` CPU workers) against the same config in one process without
+    Ray (world size 1, as many torch threads as the Ray workers have CPUs). Per run: the
+    median of the per-epoch images/s after epoch 1. Runs alternate ray/single
+    (`--run-repeats` of each); prints medians and the ratio ray/single."""
+    import os
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # as trainable.cluster.connect does
+    import ray
+
+    cfg = run_config(args)
+    d = cfg.distributed
+    if d.use_gpu:
+        raise SystemExit("--part run measures CPU training; drop distributed.use_gpu")
+    cpus = d.num_workers * d.cpus_per_worker
+    threads = max(1, round(cpus))
+    print(
+        f"run: {cfg.model.name} small_input={cfg.model.small_input} {cfg.data.kind} {cfg.data.image_size}px "
+        f"subset={cfg.data.subset:g} epochs={cfg.run.epochs}; global batch {cfg.batch.global_batch} = "
+        f"{cfg.batch.micro_batch} x {d.num_workers} workers x {cfg.accum_steps} accum; "
+        f"reference: 1 process, {threads} threads",
+        flush=True,
+    )
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(cpus, 1), include_dashboard=False, log_to_driver=args.worker_logs)
+    results: dict[str, list[float]] = {"ray": [], "single": []}
+    with tempfile.TemporaryDirectory(prefix="run_bench_") as storage:
+        for r in range(args.run_repeats):
+            order = ("ray", "single") if r % 2 == 0 else ("single", "ray")
+            for kind in order:
+                if kind == "ray":
+                    per_epoch, wall = _ray_run(cfg, storage, f"bench_{r}")
+                else:
+                    per_epoch, wall = _single_run(cfg, threads)
+                results[kind].append(_steady(per_epoch))
+                print(
+                    f"run {r + 1}/{args.run_repeats} {kind:6s}: per-epoch images/s "
+                    f"[{', '.join(f'{v:.1f}' for v in per_epoch)}] -> {results[kind][-1]:.1f}; "
+                    f"{wall:.1f} s wall",
+                    flush=True,
+                )
+    ray_med, single_med = statistics.median(results["ray"]), statistics.median(results["single"])
+    print(
+        f"median global images/s (epochs after the first): Ray Train {d.num_workers} workers x "
+        f"{d.cpus_per_worker:g} CPU {ray_med:.1f}, one process without Ray ({threads} threads) "
+        f"{single_med:.1f}; ratio ray/single {ray_med / single_med:.3f}"
+    )
+    return results
+
+
 def add_run_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument_group("run part")
+    g = parser.add_argument_group("run part (the default TrainConfig(): digits, resnet18_vd 32 px, 2 CPU workers)")
+    g.add_argument("--epochs", type=int, default=3, help="epochs per run; epoch 1 is left out of the figure")
+    g.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the config's, 2)")
+    g.add_argument("--subset", type=float, default=0.5, help="data.subset, to shorten epochs (1: all)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a TrainConfig key, e.g. batch.micro_batch=16 (repeatable)")
+    g.add_argument("--run-repeats", type=int, default=1, help="runs of each kind, alternating")
+    g.add_argument("--worker-logs", action="store_true", help="show the Ray workers' output")
 
 
 def run_part(args: argparse.Namespace) -> Any:
-    try:
-        from trainable.loop import run_throughput  # type: ignore[attr-defined]
-    except ImportError as err:
-        print(f"run part not available yet ({err}); skipped")
-        return None
     return run_throughput(args)
 
 
@@ -172,9 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     add_loader_args(parser)
     add_run_args(parser)
     args = parser.parse_args(argv)
-    for key in ("images", "size", "batch", "repeats", "threads"):
+    for key in ("images", "size", "batch", "repeats", "threads", "epochs", "run_repeats"):
         if getattr(args, key) < 1:
-            parser.error(f"--{key} must be >= 1, got {getattr(args, key)}")
+            parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.subset is not None and not 0 < args.subset <= 1:
+        parser.error(f"--subset must be in (0, 1], got {args.subset}")
 
     print(f"torch={torch.__version__} threads={args.threads} part={args.part}")
     if args.part in ("loader", "all"):

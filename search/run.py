@@ -155,7 +155,9 @@ def make_scheduler(space: Space) -> Any:
     )
 
 
-def build_tuner(space: Space, exp: Experiment, concurrent: int, resume: bool) -> Any:
+def build_tuner(
+    space: Space, exp: Experiment, concurrent: int, resume: bool, callbacks: list[Any] | None = None
+) -> Any:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
@@ -182,7 +184,7 @@ def build_tuner(space: Space, exp: Experiment, concurrent: int, resume: bool) ->
             name=exp.name,
             storage_path=exp.storage,
             failure_config=tune.FailureConfig(max_failures=space.experiment.max_failures),
-            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), HParamsCallback(space, exp.path)],
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), HParamsCallback(space, exp.path), *(callbacks or [])],
         ),
     )
 
@@ -274,13 +276,21 @@ def prepare(
     return space, exp, sets
 
 
-def run_search(space: Space, exp: Experiment, sets: list[str], resume: bool = False, address: str | None = None) -> SearchOutcome:
+def run_search(
+    space: Space,
+    exp: Experiment,
+    sets: list[str],
+    resume: bool = False,
+    address: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> SearchOutcome:
+    """Run (or with `resume`, continue) the search; `callbacks` are extra Tune callbacks."""
     connect(address)
     fits = check_resources(space)
     concurrent = space.experiment.max_concurrent_trials or fits
     if not resume:
         record_space(exp, space, sets)
-    tuner = build_tuner(space, exp, concurrent, resume)
+    tuner = build_tuner(space, exp, concurrent, resume, callbacks)
     results = tuner.fit()
     return SearchOutcome(exp, summarise(results, space), results)
 

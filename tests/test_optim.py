@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainable.config import ConfigError, ScheduleConfig, TrainConfig
+from trainable.config import ConfigError, ScheduleConfig, TrainConfig, validate_config
 from trainable.optim import LARS, build_optimizer, build_scheduler, lr_factor
 
 
@@ -115,8 +115,8 @@ def test_build_optimizer_groups_and_lr():
     assert [g["lars_exclude"] for g in lars.param_groups] == [False, True]
     assert lars.param_groups[0]["trust"] == 0.02 and lars.param_groups[0]["nesterov"]
 
-    with pytest.raises(ConfigError, match="optimizer.nesterov"):
-        build_optimizer(model, _cfg(optimizer={"momentum": 0.0, "nesterov": True}))
+    with pytest.raises(ConfigError, match="optimizer.nesterov: requires optimizer.momentum > 0"):
+        validate_config({"optimizer": {"momentum": 0.0, "nesterov": True}})
 
 
 def test_lars_trust_ratio_hand_computed():

@@ -36,8 +36,10 @@ CHECKPOINT_FILE = "state.pt"
 TENSORBOARD_DIR = "tensorboard"
 METRICS = (
     "val_acc", "val_acc5", "val_loss", "best_val_acc", "train_loss", "lr", "epoch",
-    "images_per_s", "accum_steps", "global_batch",
+    "images_per_s", "accum_steps", "global_batch", "train_seconds", "first_step_at",
 )
+"""Reported every epoch. `train_seconds`: time inside training steps so far (this attempt);
+`first_step_at`: wall-clock time of this attempt's first optimizer update."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -326,6 +328,7 @@ def run_training(
             logger.info("resumed from epoch %d", start_epoch)
 
     tb = TensorBoard(enabled=rank == 0)
+    train_seconds, first_step_at = 0.0, None
     val_metrics = {"val_acc": 0.0, "val_acc5": 0.0, "val_loss": float("nan")}
     per_update_images = cfg.batch.global_batch
     try:
@@ -351,6 +354,8 @@ def run_training(
                     ddp_model, optimizer, micro, soft_target_cross_entropy,
                     scaler=precision.scaler, autocast_dtype=precision.autocast_dtype, device_type=device.type,
                 )
+                if first_step_at is None:
+                    first_step_at = time.time()
                 step = epoch * updates_per_epoch + update
                 lr = window_lrs[step] = optimizer.param_groups[0]["lr"]
                 scheduler.step()
@@ -362,6 +367,7 @@ def run_training(
                     if rank == 0:
                         tb.scalars({"train/loss": loss.item(), "train/lr": lr}, step)
             elapsed = time.perf_counter() - start
+            train_seconds += elapsed
             train_loss = all_reduce_sum(loss_sum.detach().clone()).item() / (world_size * n_updates)
 
             last = epoch + 1 == cfg.run.epochs
@@ -377,9 +383,12 @@ def run_training(
                 "images_per_s": per_update_images * n_updates / elapsed,
                 "accum_steps": accum,
                 "global_batch": cfg.batch.global_batch,
+                "train_seconds": train_seconds,
+                "first_step_at": first_step_at,
             }
             if rank == 0:
-                tb.scalars({k: metrics[k] for k in METRICS if k not in ("epoch",)}, epoch + 1, prefix="epoch/")
+                tb.scalars({k: metrics[k] for k in METRICS if k not in ("epoch", "first_step_at")}, epoch + 1,
+                           prefix="epoch/")
                 tb.flush()
                 logger.info(
                     "epoch %d/%d  val_acc %.4f  val_loss %.4f  train_loss %.4f  lr %.4g  %.0f img/s",

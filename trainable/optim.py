@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from trainable.config import ConfigError, ScheduleConfig, TrainConfig
+from trainable.config import ScheduleConfig, TrainConfig
 
 __all__ = ["LARS", "build_optimizer", "build_scheduler", "lr_factor"]
 
@@ -107,8 +107,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     excluded from the trust ratio.
     """
     o = cfg.optimizer
-    if o.nesterov and o.momentum <= 0.0:
-        raise ConfigError(f"optimizer.nesterov: requires optimizer.momentum > 0 (got {o.momentum})")
     groups = _groups(model, o.weight_decay, o.no_bias_decay)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
