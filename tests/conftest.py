@@ -21,7 +21,10 @@ def ray_address() -> str:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        # The dashboard stays on: Ray Train's placement-group cleaner asks the State API it
+        # serves whether a stopped trial's controller is gone; without it, every trial ASHA
+        # stops would keep its workers' CPUs reserved.
+        ray.init(num_cpus=8, configure_logging=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -158,14 +158,14 @@ class TensorBoard:
     def __init__(self, enabled: bool) -> None:
         self.writer = None
         self._remote: tuple[Any, str] | None = None
-        if not enabled:
+        logdir = self._logdir() if enabled else None
+        if logdir is None:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        logdir = self._logdir()
         self.writer = SummaryWriter(log_dir=logdir)
 
-    def _logdir(self) -> str:
+    def _logdir(self) -> str | None:
         import pyarrow.fs
 
         try:
@@ -173,8 +173,8 @@ class TensorBoard:
 
             storage = ray.train.get_context().get_storage()
             fs, exp_path = storage.storage_filesystem, storage.experiment_fs_path
-        except Exception:  # outside Ray Train (tests, benchmarks)
-            return tempfile.mkdtemp(prefix="tensorboard-")
+        except Exception:  # outside Ray Train (tests, benchmarks): no event files
+            return None
         target = f"{exp_path}/{TENSORBOARD_DIR}"
         if isinstance(fs, pyarrow.fs.LocalFileSystem):
             return target
@@ -265,12 +265,19 @@ def _configure_logging() -> None:
 def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
     """The Ray Train worker function: `TorchTrainer(train_loop_per_worker,
     train_loop_config=cfg.model_dump(mode="json"), ...)`."""
+    import ray
     import ray.train
 
     _configure_logging()
     cfg = TrainConfig.model_validate(config_dict)
     rank, world_size, device = _context()
-    run_training(cfg, rank, world_size, device, report=ray.train.report, checkpoint=ray.train.get_checkpoint())
+    node_id = ray.get_runtime_context().get_node_id()
+
+    def report(metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        # rank 0's metrics reach Tune: `node_id` says where the run's first worker is
+        ray.train.report({**metrics, "node_id": node_id}, checkpoint=checkpoint)
+
+    run_training(cfg, rank, world_size, device, report=report, checkpoint=ray.train.get_checkpoint())
 
 
 def run_training(
