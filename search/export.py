@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from search.run import SEARCH_INFO, Experiment, recorded_space, summarise
+from search.run import SEARCH_INFO, recorded_space, summarise
 from trainable.config import ConfigError, TrainConfig, write_atomic
+from trainable.storage import Storage, expand_storage
 
 PACKAGES = ("trick-search", "torch", "torchvision", "ray", "optuna")
 
@@ -55,10 +56,14 @@ def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None)
     """The `rank`-th best trial (1 = best) among those that ran all their epochs."""
     from ray.tune import ExperimentAnalysis
 
-    exp_path = str(Path(experiment).expanduser().resolve())
-    if not Path(exp_path).is_dir():
-        raise ConfigError(f"--experiment {experiment}: no such folder")
-    if not (Path(exp_path) / SEARCH_INFO).is_file():
+    exp_path = expand_storage(experiment)
+    store = Storage(exp_path)
+    try:
+        if not store.exists():
+            raise ConfigError(f"--experiment {experiment}: no such folder")
+    except OSError as err:  # an unreachable bucket, missing credentials
+        raise ConfigError(f"--experiment {experiment}: cannot read it ({str(err).splitlines()[0]})") from None
+    if not store.exists(SEARCH_INFO):
         raise ConfigError(f"--experiment {experiment}: not an experiment of this tool (no {SEARCH_INFO})")
     if rank < 1:
         raise ConfigError(f"--rank {rank}: must be >= 1")
@@ -78,9 +83,8 @@ def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None)
         if num_workers < 1:
             raise ConfigError(f"--num-workers {num_workers}: must be >= 1")
         cfg = cfg.with_num_workers(num_workers)
-    exp = Experiment(str(Path(exp_path).parent), Path(exp_path).name)
     provenance = {
-        "experiment": exp.path,
+        "experiment": exp_path,
         "trial_id": row.trial_id,
         "rank": rank,
         f"best_{space.experiment.metric}": row.best,
@@ -102,7 +106,7 @@ class _Results:
         self._items = []
         dfs = analysis.trial_dataframes
         for trial in analysis.trials:
-            self._items.append(_Result(trial, dfs.get(trial.path)))
+            self._items.append(_Result(trial, dfs.get(trial.trial_id)))
 
     def __iter__(self):  # noqa: ANN204
         return iter(self._items)

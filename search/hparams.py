@@ -5,7 +5,7 @@ tricks, best and final value of the metric and epochs run, updated as results ar
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from ray.tune import Callback
 from torch.utils.tensorboard import SummaryWriter
@@ -25,12 +25,15 @@ def _hparam_value(value: Any) -> Any:
 class HParamsCallback(Callback):
     """A Tune callback, run in the search driver, writing `<logdir>/hparams/...`."""
 
-    def __init__(self, space: Space, logdir: str) -> None:
+    def __init__(self, space: Space, logdir: str, upload: Callable[[str, str], None] | None = None) -> None:
+        """`logdir` is a local folder; with `upload(local_dir, relative_path)` each trial's
+        files are also copied to the experiment's storage after every write."""
         self.metric = space.experiment.metric
         self.mode = space.experiment.mode
         self.paths = list(space.searched_paths)
         self.root = os.path.join(logdir, HPARAMS_DIR)
         self.metric_tags = [f"hparams/best_{self.metric}", f"hparams/final_{self.metric}", "hparams/epochs"]
+        self.upload = upload
         self._writers: dict[str, SummaryWriter] = {}
         self._best: dict[str, float] = {}
 
@@ -58,6 +61,11 @@ class HParamsCallback(Callback):
         w.add_scalar(self.metric_tags[1], value, step)
         w.add_scalar(self.metric_tags[2], step, step)
         w.flush()
+        self._sync(trial)
+
+    def _sync(self, trial: Any) -> None:
+        if self.upload is not None:
+            self.upload(os.path.join(self.root, trial.trial_id), f"{HPARAMS_DIR}/{trial.trial_id}")
 
     def _end(self, trial: Any) -> None:
         w = self._writers.pop(trial.trial_id, None)
@@ -65,6 +73,7 @@ class HParamsCallback(Callback):
             _, _, end = hparams_summaries({}, {})
             w.file_writer.add_summary(end)
             w.close()
+            self._sync(trial)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial)

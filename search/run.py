@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from spaces import QUICKSTART, Space, SpaceError, load_space, resolve_space_path
-from trainable.cluster import check_storage, connect, error_line, expand_storage
-from trainable.config import ConfigError, TrainConfig, write_atomic
+from trainable.cluster import check_storage, connect, error_line
+from trainable.config import ConfigError
+from trainable.storage import Storage, expand_storage, local_mirror
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ STORAGE_ENV = "TRICK_SEARCH_STORAGE"  # the default --storage-path (set once per
 # The experiment folder --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Experiment:
-    """Where a search keeps everything: `<storage>/<name>/`."""
+    """Where a search keeps everything: `<storage>/<name>/`, a local folder or a URI."""
 
     storage: str
     name: str
@@ -44,10 +45,21 @@ class Experiment:
         return f"{self.storage}/{self.name}"
 
     @property
+    def store(self) -> Storage:
+        return Storage(self.path)
+
+    @property
+    def local(self) -> str:
+        """Where files that must sit on a local disk live (the SQLite study, TensorBoard's
+        HParams files while they are written): the experiment itself when it is local, else
+        a mirror that is uploaded as the search runs."""
+        return self.path if self.store.is_local else str(local_mirror(self.path))
+
+    @property
     def study_db(self) -> str:
         from search.study import STUDY_FILE
 
-        return f"{self.path}/{STUDY_FILE}"
+        return f"{self.local}/{STUDY_FILE}"
 
     @property
     def runs(self) -> str:
@@ -61,18 +73,24 @@ def experiment_for(space: Space) -> Experiment:
 def record_space(exp: Experiment, space: Space, overrides: list[str]) -> None:
     """Keep the space as given (and the overrides) inside the experiment, so `--resume` and
     the export read exactly what the search ran."""
-    text = Path(space.source).read_text()
-    write_atomic(f"{exp.path}/{SPACE_COPY}", text)
+    store = exp.store
+    store.write_text(SPACE_COPY, Path(space.source).read_text())
     info = {"space_file": str(space.source), "sha256": space.sha256, "overrides": overrides}
-    write_atomic(f"{exp.path}/{SEARCH_INFO}", json.dumps(info, indent=2) + "\n")
+    store.write_text(SEARCH_INFO, json.dumps(info, indent=2) + "\n")
 
 
 def recorded_space(exp_path: str, extra: list[str] | None = None) -> tuple[Space, dict[str, Any]]:
-    info_file = Path(exp_path) / SEARCH_INFO
-    if not info_file.is_file():
+    """The space an experiment ran, with its overrides (and `extra` ones)."""
+    store = Storage(exp_path)
+    if not store.exists(SEARCH_INFO):
         raise ConfigError(f"{exp_path}: not an experiment of this tool (no {SEARCH_INFO})")
-    info = json.loads(info_file.read_text())
-    space = load_space(Path(exp_path) / SPACE_COPY, list(info["overrides"]) + list(extra or []))
+    info = json.loads(store.read_text(SEARCH_INFO))
+    if store.is_local:
+        space_file = Path(store.fs_path(SPACE_COPY))
+    else:
+        space_file = local_mirror(store.root) / SPACE_COPY
+        space_file.write_text(store.read_text(SPACE_COPY))
+    space = load_space(space_file, list(info["overrides"]) + list(extra or []))
     return space, info
 
 
@@ -162,7 +180,7 @@ def build_tuner(
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from search.hparams import HParamsCallback
-    from search.study import make_searcher
+    from search.study import StudyBackup, make_searcher
 
     # The trial driver only waits on its TorchTrainer, whose workers reserve their own
     # resources: it holds no CPU slot (Ray needs some non-zero request: 1 MiB of memory).
@@ -184,7 +202,13 @@ def build_tuner(
             name=exp.name,
             storage_path=exp.storage,
             failure_config=tune.FailureConfig(max_failures=space.experiment.max_failures),
-            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), HParamsCallback(space, exp.path), *(callbacks or [])],
+            callbacks=[
+                CSVLoggerCallback(),
+                JsonLoggerCallback(),
+                HParamsCallback(space, exp.local, upload=None if exp.store.is_local else exp.store.upload),
+                *([] if exp.store.is_local else [StudyBackup(exp.study_db, exp.store)]),
+                *(callbacks or []),
+            ],
         ),
     )
 
@@ -260,20 +284,34 @@ def prepare(
         sets.append(f"experiment.storage_path={storage_path}")
     space = load_space(resolve_space_path(space_path) if space_path else QUICKSTART, sets)
     exp = experiment_for(space)
-    exists = os.path.exists(f"{exp.path}/{SEARCH_INFO}")
+    check_storage(exp.storage)
+    exists = exp.store.exists(SEARCH_INFO)
     if resume:
         if not exists:
             raise ConfigError(f"--resume: no experiment at {exp.path} to resume")
-        run_sets = [s for s in overrides if s.startswith(("experiment.num_samples=", "experiment.max_concurrent"))]
-        space, _ = recorded_space(exp.path, run_sets)
+        if overrides:
+            raise ConfigError(
+                f"--resume continues {exp.path} exactly as it was started; drop {overrides[0]!r} "
+                "(start a new experiment with --name to change the search)"
+            )
+        restore_study(exp)
+        space, _ = recorded_space(exp.path)
         return space, exp, sets
     if exists:
         raise ConfigError(
             f"experiment {exp.path} already exists; add --resume to continue it or --name to start another "
             "(nothing was changed)"
         )
-    check_storage(exp.storage)
     return space, exp, sets
+
+
+def restore_study(exp: Experiment) -> None:
+    """On a remote storage the study's SQLite file lives on this machine and a copy in the
+    experiment; a head that lost its disk takes the copy back."""
+    from search.study import STUDY_FILE
+
+    if not exp.store.is_local and not os.path.exists(exp.study_db) and exp.store.exists(STUDY_FILE):
+        exp.store.download(STUDY_FILE, exp.study_db)
 
 
 def run_search(

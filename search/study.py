@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
+import tempfile
+import time
 import warnings
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from search.sampling import define_by_run, make_sampler
 from spaces import Space
+from trainable.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +69,8 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if result:  # Tune hands a trial's last result to on_trial_complete only
+            self.on_trial_result(trial_id, result)
         epochs = (result or {}).get(self._time_attr)
         if not error and epochs is not None and int(epochs) < self._max_t:
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
@@ -99,3 +106,40 @@ def make_searcher(space: Space, db_path: str) -> StudySearch:
 
 def load_study(db_path: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=study_url(db_path))
+
+
+class StudyBackup(Callback):
+    """Copies the study's SQLite file into a remote experiment (SQLite cannot live on object
+    storage): after every finished trial, at most every `every_s` seconds while results
+    arrive, and at the end. `--resume` on a machine without the local file starts from it."""
+
+    def __init__(self, db_path: str, store: Storage, every_s: float = 60.0) -> None:
+        self.db_path, self.store, self.every_s = db_path, store, every_s
+        self._last = 0.0
+
+    def backup(self) -> None:
+        if not os.path.exists(self.db_path):
+            return
+        with tempfile.TemporaryDirectory() as d:
+            copy = os.path.join(d, STUDY_FILE)
+            src, dst = sqlite3.connect(self.db_path), sqlite3.connect(copy)
+            try:
+                src.backup(dst)  # a consistent snapshot while the study is being written
+            finally:
+                dst.close()
+                src.close()
+            self.store.upload(copy, STUDY_FILE)
+        self._last = time.monotonic()
+
+    def on_trial_result(self, *args: Any, **kwargs: Any) -> None:
+        if time.monotonic() - self._last > self.every_s:
+            self.backup()
+
+    def on_trial_complete(self, *args: Any, **kwargs: Any) -> None:
+        self.backup()
+
+    def on_trial_error(self, *args: Any, **kwargs: Any) -> None:
+        self.backup()
+
+    def on_experiment_end(self, *args: Any, **kwargs: Any) -> None:
+        self.backup()

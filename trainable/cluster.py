@@ -10,6 +10,7 @@ import uuid
 from typing import Any
 
 from trainable.config import ConfigError
+from trainable.storage import expand_storage, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -55,21 +56,11 @@ def connect(address: str | None = None, **init_kwargs: Any) -> None:
         ray.init(**init_kwargs)
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def expand_storage(path: str) -> str:
-    """A local storage folder as an absolute path (Ray requires one); URIs as given."""
-    if is_uri(path):
-        return path.rstrip("/")
-    return os.path.abspath(os.path.expanduser(path))
-
-
 def check_storage(path: str) -> None:
     """Fail before anything starts when the storage cannot be written."""
     import pyarrow.fs
 
+    path = expand_storage(path)
     probe_name = f".write-check-{uuid.uuid4().hex[:8]}"
     try:
         if is_uri(path):
