@@ -125,10 +125,10 @@ def _free_port() -> int:
 def s3(tmp_path):
     """A local S3 server (moto) with one bucket, and the environment that points at it."""
     boto3 = pytest.importorskip("boto3")
-    server = shutil.which("moto_server") or str(Path(PYTHON).parent / "moto_server")
     port = _free_port()
-    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # this environment's moto (a `moto_server` found on PATH may belong to another Python)
+    proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], cwd=tmp_path,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
         "AWS_ACCESS_KEY_ID": "testing",
