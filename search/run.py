@@ -289,13 +289,14 @@ def prepare(
     if resume:
         if not exists:
             raise ConfigError(f"--resume: no experiment at {exp.path} to resume")
-        if overrides:
+        space, info = recorded_space(exp.path)
+        changed = [o for o in overrides if o not in info["overrides"]]
+        if changed:
             raise ConfigError(
-                f"--resume continues {exp.path} exactly as it was started; drop {overrides[0]!r} "
+                f"--resume continues {exp.path} as it was started; {changed[0]!r} was not part of it "
                 "(start a new experiment with --name to change the search)"
             )
         restore_study(exp)
-        space, _ = recorded_space(exp.path)
         return space, exp, sets
     if exists:
         raise ConfigError(
@@ -340,7 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "ResNet-vd DDP runs. With no arguments: the quickstart space on the digits data.",
     )
     p.add_argument("--space", help="space YAML file or a shipped space's name (default: quickstart)")
-    p.add_argument("--address", help="Ray cluster address (host:port); default: the cluster running here, or a new local one")
+    p.add_argument("--address", help="Ray cluster address (host:port); default: the cluster running here, or a new "
+                   "local one; 'local': always a new local one")
     p.add_argument("--name", help="experiment name (default: the space's experiment.name)")
     p.add_argument("--storage-path", help="folder or URI (s3://, gs://) holding experiments")
     p.add_argument("--num-samples", type=int, help="number of trials")

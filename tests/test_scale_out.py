@@ -168,7 +168,9 @@ def test_search_resume_and_export_on_s3(s3, tmp_path):
     client, aws = s3
     uri = "s3://trick-bucket/exps"
     env = cli_env(**aws)
-    args = ["-m", "search.run", "--storage-path", uri, "--name", "ons3", "--num-samples", "2",
+    # `--address local`: a Ray instance of its own, whose workers see this S3 endpoint (the
+    # session's instance was started without it)
+    args = ["-m", "search.run", "--address", "local", "--storage-path", uri, "--name", "ons3", "--num-samples", "2",
             "--max-concurrent-trials", "1", "--set", "train.run.epochs=2", *TINY]
     first = subprocess.run([PYTHON, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
@@ -183,10 +185,11 @@ def test_search_resume_and_export_on_s3(s3, tmp_path):
 
     # a new head: nothing local, everything comes back from the bucket
     shutil.rmtree(aws["HOME"], ignore_errors=True)
-    again = subprocess.run([PYTHON, *args, "--resume"], cwd=ROOT, env=env,
+    again = subprocess.run([PYTHON, *args, "--set", "train.run.epochs=5", "--resume"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=900)
-    assert again.returncode == 2 and "--resume continues" in again.stderr  # overrides are refused
-    resume = subprocess.run([PYTHON, "-m", "search.run", "--storage-path", uri, "--name", "ons3", "--resume"],
+    assert again.returncode == 2 and "--resume continues" in again.stderr  # a changed search is refused
+    resume = subprocess.run([PYTHON, "-m", "search.run", "--address", "local", "--storage-path", uri, "--name", "ons3",
+                             "--resume"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert resume.returncode == 0, (resume.stdout + resume.stderr)[-4000:]
     db = Path(aws["HOME"]).glob(".cache/trick-search/mirrors/*/optuna.db")
