@@ -113,7 +113,7 @@ def test_quickstart_is_the_laptop_default() -> None:
     assert t.distributed.num_workers == 2 and not t.distributed.use_gpu
     assert space.experiment.scheduler.kind == "asha" and space.experiment.sampler.kind == "tpe"
     assert space.experiment.max_concurrent_trials is None  # as many as fit: 1 on 2 cores
-    assert space.experiment.num_samples == 12 and t.model.name == "resnet18_vd"
+    assert space.experiment.num_samples == 10 and t.model.name == "resnet18_vd"
     assert space.experiment.mode == "max" and space.experiment.metric == "val_acc"
 
 
