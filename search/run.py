@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spaces import QUICKSTART, Space, SpaceError, load_space, resolve_space_path
+from spaces import QUICKSTART, Space, load_space, resolve_space_path
 from trainable.cluster import check_storage, connect, error_line
 from trainable.config import ConfigError
 from trainable.storage import Storage, expand_storage, local_mirror

@@ -4,7 +4,6 @@ lost mid-training, and a search whose experiment lives on S3 (moto's server on 1
 from __future__ import annotations
 
 import json
-import os
 import queue
 import shutil
 import socket

@@ -11,7 +11,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
