@@ -24,7 +24,6 @@ themselves take to start a trial and its workers. Ours - bare is what our set-up
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # as trainable.cluster.connect does, before ray.init
 
 from ray import tune  # noqa: E402
 

@@ -7,7 +7,7 @@
                 both through a DataLoader with num_workers=0 (the timed process decodes), on
                 random-content ~500x375 JPEGs written to a temporary image folder. Runs alternate
                 ours/ref; each run is one pass over all images after one untimed pass.
---part run      global images/s of whole training runs of the default TrainConfig() (digits,
+--part run      global images/s of whole training runs of a small CPU config (RUN_BASE: digits,
                 resnet18_vd small_input 32 px, global batch 128 = micro 32 x 2 workers x 2)
                 through Ray Train (build_trainer: TorchTrainer, DDP over 2 CPU workers of 1 CPU)
                 against the same config in this process without Ray (world size 1, 2 torch
@@ -67,7 +67,7 @@ def write_jpeg_folder(root: Path, images: int, classes: int = 4, seed: int = 0) 
 
 def _ours(root: Path, size: int) -> torch.utils.data.Dataset:
     from trainable.config import TrainConfig
-    from trainable.data import build_datasets
+    from trainable.datasets import build_datasets
 
     cfg = TrainConfig.model_validate(
         {
@@ -158,12 +158,25 @@ def add_loader_args(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------
 # Run half
 # ------------------------------------------------------------------------------------------------
-def run_config(args: argparse.Namespace) -> Any:
-    """TrainConfig() with the run part's options applied (--set first, then --epochs,
-    --subset, --workers)."""
-    from trainable.config import apply_overrides, validate_config
+RUN_BASE: dict[str, Any] = {
+    "model": {"name": "resnet18_vd", "small_input": True},
+    "data": {"kind": "digits", "image_size": 32, "loader_workers": 0},
+    "augment": {"crop_scale": [0.35, 1.0], "hflip": 0.0},
+    "optimizer": {"base_lr": 0.4, "weight_decay": 5.0e-5},
+    "batch": {"global_batch": 128, "micro_batch": 32},
+    "distributed": {"num_workers": 2},
+}
+"""The run part's config: a small CPU training (the library defaults are an ImageNet run)."""
 
-    data = apply_overrides({}, list(args.set))
+
+def run_config(args: argparse.Namespace) -> Any:
+    """RUN_BASE with the run part's options applied (--set first, then --epochs,
+    --subset, --workers)."""
+    import copy
+
+    from trainable.config_io import apply_overrides, validate_config
+
+    data = apply_overrides(copy.deepcopy(RUN_BASE), list(args.set))
     data.setdefault("run", {})["epochs"] = args.epochs
     data["run"]["checkpoint_every"] = 1  # every epoch's metrics come back with its checkpoint
     if args.subset is not None:
@@ -216,9 +229,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, list[float]]:
     Ray (world size 1, as many torch threads as the Ray workers have CPUs). Per run: the
     median of the per-epoch images/s after epoch 1. Runs alternate ray/single
     (`--run-repeats` of each); prints medians and the ratio ray/single."""
-    import os
 
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # as trainable.cluster.connect does
     import ray
 
     cfg = run_config(args)
@@ -262,7 +273,7 @@ def run_throughput(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("run part (the default TrainConfig(): digits, resnet18_vd 32 px, 2 CPU workers)")
+    g = parser.add_argument_group("run part (RUN_BASE: digits, resnet18_vd 32 px, 2 CPU workers)")
     g.add_argument("--epochs", type=int, default=3, help="epochs per run; epoch 1 is left out of the figure")
     g.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the config's, 2)")
     g.add_argument("--subset", type=float, default=0.5, help="data.subset, to shorten epochs (1: all)")

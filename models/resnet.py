@@ -1,22 +1,25 @@
-"""ResNet family (ResNet-B, -C and -D of "Bag of Tricks", He et al. 2019) with a name registry.
+"""ResNet family (ResNet-B, -C and -D of "Bag of Tricks", He et al. 2019) and its builders.
 
 State dicts match timm's resnet18d/34d/50d/101d/152d, resnet50 and resnet50c key for key.
+Names and data configs live in the torch-free `models.registry`; every builder here is
+registered under one of those names.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Type, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
+
+from models.registry import check_model_name, list_models
 
 __all__ = [
     "BasicBlock",
     "Bottleneck",
     "ResNet",
     "create_model",
-    "list_models",
-    "param_groups",
     "register_model",
 ]
 
@@ -83,7 +86,7 @@ class Bottleneck(nn.Module):
         return self.relu(x + shortcut)
 
 
-Block = Union[Type[BasicBlock], Type[Bottleneck]]
+Block = type[BasicBlock] | type[Bottleneck]
 
 
 def _make_downsample(in_chs: int, out_chs: int, stride: int, avg_down: bool) -> nn.Sequential:
@@ -176,12 +179,6 @@ class ResNet(nn.Module):
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.zeros_(m.last_bn.weight)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a freshly initialised one for num_classes classes."""
-        _check_positive("num_classes", num_classes)
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer1(x)
@@ -208,20 +205,16 @@ _MODELS: dict[str, Callable[..., ResNet]] = {}
 
 
 def register_model(fn: Callable[..., ResNet]) -> Callable[..., ResNet]:
-    """Decorator: register a builder under its function name."""
+    """Decorator: register a builder under its function name, which must be in `models.registry`."""
+    if fn.__name__ not in list_models():
+        raise ValueError(f"model {fn.__name__!r} has no data config in models.registry")
     _MODELS[fn.__name__] = fn
     return fn
 
 
-def list_models() -> list[str]:
-    """Sorted names accepted by create_model."""
-    return sorted(_MODELS)
-
-
 def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> ResNet:
     """Build a registered model; kwargs (small_input, zero_init_last) go to ResNet."""
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    check_model_name(name)
     return _MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
@@ -265,20 +258,3 @@ def resnet50_vc(**kwargs: Any) -> ResNet:
     """ResNet-C: deep 3x3 stem, strided 1x1 conv shortcut."""
     return ResNet(Bottleneck, (3, 4, 6, 3), deep_stem=True, stem_width=32, **kwargs)
 
-
-# ---------------------------------------------------------------------------
-# Optimiser helpers
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimiser groups: weights with decay, and 1-d params (BN affine, biases) without ("no bias decay")."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]

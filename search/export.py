@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from search.run import SEARCH_INFO, recorded_space, summarise
-from trainable.config import ConfigError, TrainConfig, write_atomic
-from trainable.storage import Storage, expand_storage
+from search.experiment import SEARCH_INFO, Experiment, finished, read_results, recorded_space, summarise
+from trainable.config import ConfigError, TrainConfig
+from trainable.config_io import write_atomic
 
 PACKAGES = ("trick-search", "torch", "torchvision", "ray", "optuna")
 
@@ -54,25 +54,18 @@ def _git_commit() -> str | None:
 
 def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None) -> Exported:
     """The `rank`-th best trial (1 = best) among those that ran all their epochs."""
-    from ray.tune import ExperimentAnalysis
-
-    exp_path = expand_storage(experiment)
-    store = Storage(exp_path)
+    exp = Experiment.at(experiment)
     try:
-        if not store.exists():
+        if not exp.store.exists():
             raise ConfigError(f"--experiment {experiment}: no such folder")
+        if not exp.exists():
+            raise ConfigError(f"--experiment {experiment}: not an experiment of this tool (no {SEARCH_INFO})")
     except OSError as err:  # an unreachable bucket, missing credentials
         raise ConfigError(f"--experiment {experiment}: cannot read it ({str(err).splitlines()[0]})") from None
-    if not store.exists(SEARCH_INFO):
-        raise ConfigError(f"--experiment {experiment}: not an experiment of this tool (no {SEARCH_INFO})")
     if rank < 1:
         raise ConfigError(f"--rank {rank}: must be >= 1")
-    space, info = recorded_space(exp_path)
-    try:
-        analysis = ExperimentAnalysis(exp_path)
-    except Exception as err:  # no experiment state written yet
-        raise ConfigError(f"--experiment {experiment}: no trial results yet ({err})") from None
-    rows = [r for r in summarise(_Results(analysis), space) if r.status == "done" and r.best is not None]
+    space, info = recorded_space(exp)
+    rows = finished(summarise(read_results(exp.path), space))
     if not rows:
         raise ConfigError(f"--experiment {experiment}: no trial has finished all its epochs yet")
     if rank > len(rows):
@@ -84,7 +77,7 @@ def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None)
             raise ConfigError(f"--num-workers {num_workers}: must be >= 1")
         cfg = cfg.with_num_workers(num_workers)
     provenance = {
-        "experiment": exp_path,
+        "experiment": exp.path,
         "trial_id": row.trial_id,
         "rank": rank,
         f"best_{space.experiment.metric}": row.best,
@@ -97,37 +90,6 @@ def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None)
         "git_commit": _git_commit(),
     }
     return Exported(cfg, provenance)
-
-
-class _Results:
-    """ExperimentAnalysis's trials in the shape `summarise` reads (like a ResultGrid)."""
-
-    def __init__(self, analysis: Any) -> None:
-        self._items = []
-        dfs = analysis.trial_dataframes
-        for trial in analysis.trials:
-            self._items.append(_Result(trial, dfs.get(trial.trial_id)))
-
-    def __iter__(self):  # noqa: ANN204
-        return iter(self._items)
-
-
-@dataclass
-class _Result:
-    trial: Any
-    metrics_dataframe: Any
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return {**(self.trial.last_result or {}), "trial_id": self.trial.trial_id}
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.trial.config
-
-    @property
-    def error(self) -> Any:
-        return self.trial.status == "ERROR"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,90 +8,37 @@ the poor trials early on the validation metric, and every trial is one Ray Train
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from search.experiment import (
+    Experiment,
+    TrialRow,
+    experiment_for,
+    finished,
+    format_table,
+    record_space,
+    recorded_space,
+    restore_study,
+    summarise,
+)
 from spaces import QUICKSTART, Space, load_space, resolve_space_path
-from trainable.cluster import check_storage, connect, error_line
+from trainable.cluster import connect
 from trainable.config import ConfigError
-from trainable.storage import Storage, expand_storage, local_mirror
+from trainable.storage import Storage
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid
 
 logger = logging.getLogger(__name__)
 
-SPACE_COPY = "space.yaml"
-SEARCH_INFO = "search.json"
-RUNS_DIR = "runs"
 TRIAL_NAME_PREFIX = "trial_"
 DRIVER_MEMORY = 2**20
 STORAGE_ENV = "TRICK_SEARCH_STORAGE"  # the default --storage-path (set once per cluster)
-
-
-# The experiment folder --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Experiment:
-    """Where a search keeps everything: `<storage>/<name>/`, a local folder or a URI."""
-
-    storage: str
-    name: str
-
-    @property
-    def path(self) -> str:
-        return f"{self.storage}/{self.name}"
-
-    @property
-    def store(self) -> Storage:
-        return Storage(self.path)
-
-    @property
-    def local(self) -> str:
-        """Where files that must sit on a local disk live (the SQLite study, TensorBoard's
-        HParams files while they are written): the experiment itself when it is local, else
-        a mirror that is uploaded as the search runs."""
-        return self.path if self.store.is_local else str(local_mirror(self.path))
-
-    @property
-    def study_db(self) -> str:
-        from search.study import STUDY_FILE
-
-        return f"{self.local}/{STUDY_FILE}"
-
-    @property
-    def runs(self) -> str:
-        return f"{self.path}/{RUNS_DIR}"
-
-
-def experiment_for(space: Space) -> Experiment:
-    return Experiment(expand_storage(space.experiment.storage_path), space.experiment.name)
-
-
-def record_space(exp: Experiment, space: Space, overrides: list[str]) -> None:
-    """Keep the space as given (and the overrides) inside the experiment, so `--resume` and
-    the export read exactly what the search ran."""
-    store = exp.store
-    store.write_text(SPACE_COPY, Path(space.source).read_text())
-    info = {"space_file": str(space.source), "sha256": space.sha256, "overrides": overrides}
-    store.write_text(SEARCH_INFO, json.dumps(info, indent=2) + "\n")
-
-
-def recorded_space(exp_path: str, extra: list[str] | None = None) -> tuple[Space, dict[str, Any]]:
-    """The space an experiment ran, with its overrides (and `extra` ones)."""
-    store = Storage(exp_path)
-    if not store.exists(SEARCH_INFO):
-        raise ConfigError(f"{exp_path}: not an experiment of this tool (no {SEARCH_INFO})")
-    info = json.loads(store.read_text(SEARCH_INFO))
-    if store.is_local:
-        space_file = Path(store.fs_path(SPACE_COPY))
-    else:
-        space_file = local_mirror(store.root) / SPACE_COPY
-        space_file.write_text(store.read_text(SPACE_COPY))
-    space = load_space(space_file, list(info["overrides"]) + list(extra or []))
-    return space, info
 
 
 # Resources ---------------------------------------------------------------------------------------------
@@ -213,62 +160,14 @@ def build_tuner(
     )
 
 
-# Results --------------------------------------------------------------------------------------------------
-@dataclass
-class TrialRow:
-    trial_id: str
-    values: dict[str, Any]
-    best: float | None
-    epochs: int
-    status: str
-
-
-def summarise(results: Any, space: Space) -> list[TrialRow]:
-    metric, max_t = space.experiment.metric, space.train.run.epochs
-    rows = []
-    for r in results:
-        df = r.metrics_dataframe
-        m = r.metrics or {}
-        best = None
-        if df is not None and metric in df:
-            col = df[metric].dropna()
-            if len(col):
-                best = float(col.max() if space.experiment.mode == "max" else col.min())
-        epochs = int(m.get("epoch", 0) or 0)
-        status = "error" if r.error else ("done" if epochs >= max_t else "stopped early")
-        values = {p: r.config.get(p) for p in space.searched_paths if p in r.config}
-        rows.append(TrialRow(str(m.get("trial_id", "?")), values, best, epochs, status))
-    reverse = space.experiment.mode == "max"
-    rows.sort(key=lambda t: (t.best is None, -(t.best or 0) if reverse else (t.best or 0)))
-    return rows
-
-
-def format_table(rows: list[TrialRow], space: Space) -> str:
-    paths = list(space.searched_paths)
-    head = ["trial", *paths, f"best {space.experiment.metric}", "epochs", "status"]
-    body = []
-    for t in rows:
-        vals = [_fmt(t.values.get(p, "-")) for p in paths]
-        body.append([t.trial_id, *vals, _fmt(t.best), str(t.epochs), t.status])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body)])
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 # Entry points ------------------------------------------------------------------------------------------------
 @dataclass
 class SearchOutcome:
+    """The experiment, its trials as rows (the best first) and Tune's `ResultGrid`."""
+
     experiment: Experiment
     rows: list[TrialRow]
-    results: Any
+    results: ResultGrid
 
 
 def prepare(
@@ -284,12 +183,12 @@ def prepare(
         sets.append(f"experiment.storage_path={storage_path}")
     space = load_space(resolve_space_path(space_path) if space_path else QUICKSTART, sets)
     exp = experiment_for(space)
-    check_storage(exp.storage)
-    exists = exp.store.exists(SEARCH_INFO)
+    Storage(exp.storage).check_writable()
+    exists = exp.exists()
     if resume:
         if not exists:
             raise ConfigError(f"--resume: no experiment at {exp.path} to resume")
-        space, info = recorded_space(exp.path)
+        space, info = recorded_space(exp)
         changed = [o for o in overrides if o not in info["overrides"]]
         if changed:
             raise ConfigError(
@@ -304,15 +203,6 @@ def prepare(
             "(nothing was changed)"
         )
     return space, exp, sets
-
-
-def restore_study(exp: Experiment) -> None:
-    """On a remote storage the study's SQLite file lives on this machine and a copy in the
-    experiment; a head that lost its disk takes the copy back."""
-    from search.study import STUDY_FILE
-
-    if not exp.store.is_local and not os.path.exists(exp.study_db) and exp.store.exists(STUDY_FILE):
-        exp.store.download(STUDY_FILE, exp.study_db)
 
 
 def run_search(
@@ -372,18 +262,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print()
     print(format_table(outcome.rows, space))
-    finished = [r for r in outcome.rows if r.status == "done" and r.best is not None]
-    if finished:
-        best = finished[0]
+    done = finished(outcome.rows)
+    if done:
+        best = done[0]
         print(f"\nbest trial {best.trial_id}: {space.experiment.metric} {best.best:.4f} with {best.values}")
         print(f"export it:  python -m search.export --experiment {exp.path} --out best.yaml")
     else:
         print("\nno trial finished all its epochs")
     errors = [r for r in outcome.rows if r.status == "error"]
-    for r in outcome.results:
-        if r.error:
-            print(f"trial {r.metrics.get('trial_id', '?') if r.metrics else '?'} failed: {error_line(r.error)}", file=sys.stderr)
-    return 1 if errors and not finished else 0
+    for r in errors:
+        print(f"trial {r.trial_id} failed: {r.error}", file=sys.stderr)
+    return 1 if errors and not done else 0
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from search.experiment import STUDY_FILE
 from search.sampling import define_by_run, make_sampler
 from spaces import Space
 from trainable.storage import Storage
 
 logger = logging.getLogger(__name__)
 
-STUDY_FILE = "optuna.db"
 TUNE_TRIAL_ID = "tune_trial_id"
 
 

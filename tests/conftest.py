@@ -1,17 +1,21 @@
-"""Shared fixtures: one local Ray instance for the whole session, with more logical CPUs
-than the machine has cores, so 2-worker trials can run side by side with their drivers."""
+"""Shared fixtures and helpers: one local Ray instance for the whole session, with more
+logical CPUs than the machine has cores, so 2-worker trials can run side by side with their
+drivers; a free port; real multi-process (gloo) workers with a bounded wait."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
@@ -39,3 +43,28 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (for gloo rendezvous, local servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_workers(fn: Callable[..., None], outdir: Path, world: int, timeout: float = 90.0) -> list[Any]:
+    """Run `fn(rank, port, outdir)` in `world` fresh processes and return what each saved
+    to `outdir/rank<r>.pt`; fail the test if they do not finish within `timeout` seconds."""
+    import pytest
+    import torch
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=(free_port(), str(outdir)), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"workers did not finish within {timeout}s")
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -3,42 +3,23 @@ with one gradient all-reduce per update."""
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from tests.conftest import spawn_workers
 
 from trainable.step import optimizer_update
 
 WORLD, K, B = 2, 3, 2
 UPDATES = 2
 TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, outdir: Path, timeout: float = 90.0) -> list[dict]:
-    ctx = mp.start_processes(fn, args=(_free_port(), str(outdir)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"workers did not finish within {timeout}s")
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 def _model() -> nn.Module:
@@ -119,7 +100,7 @@ def _reference() -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
 
 
 def test_ddp_accumulation_equals_big_batch_and_syncs_once(tmp_path):
-    results = _spawn(_worker, tmp_path)
+    results = spawn_workers(_worker, tmp_path, WORLD)
     ref_params, ref_losses = _reference()
     for rank in range(WORLD):
         got = results[rank]

@@ -1,4 +1,4 @@
-"""Tests for trainable/config.py: the TrainConfig contract, its YAML files, its error
+"""Tests for trainable/config.py and config_io.py: the TrainConfig contract, its YAML files, its error
 messages, overrides and the derived batch values."""
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import yaml
 
 from models import list_models
 from trainable import config as config_mod
-from trainable.config import (
-    LEAF_PATHS,
-    ConfigError,
-    TrainConfig,
+from trainable import config_io
+from trainable.config import LEAF_PATHS, ConfigError, TrainConfig
+from trainable.config_io import (
     apply_overrides,
     load_config,
     parse_override,
@@ -109,16 +108,28 @@ def test_every_leaf_has_a_default() -> None:
         assert not info.is_required(), name
 
 
-def test_default_config_is_the_small_cpu_run() -> None:
+def test_default_config_is_an_imagenet_style_run() -> None:
+    """What a space written from the README inherits: a real ResNet50-vd training, not the
+    CPU quickstart (whose space carries its own small settings)."""
     cfg = TrainConfig()
     assert cfg == TrainConfig.model_validate({}) == validate_config(None) == validate_config({})
-    assert cfg.data.kind == "digits"
-    assert cfg.model.name == "resnet18_vd"
-    assert cfg.model.small_input is True
-    assert cfg.data.image_size == 32
-    assert cfg.distributed.num_workers == 2
+    assert cfg.model.name == "resnet50_vd" and cfg.model.small_input is False
+    assert cfg.data.image_size == 224
+    assert cfg.augment.hflip == 0.5 and cfg.augment.crop_scale == (0.08, 1.0)
+    assert cfg.data.loader_workers == "auto"
+    assert cfg.optimizer.base_lr == 0.1 and cfg.optimizer.weight_decay == 1e-4
+    assert cfg.batch.global_batch == 256
     assert cfg.distributed.use_gpu is False
-    assert cfg.accum_steps == cfg.batch.global_batch // (cfg.batch.micro_batch * 2)
+    assert cfg.accum_steps == cfg.batch.global_batch // (cfg.batch.micro_batch * cfg.distributed.num_workers)
+
+
+@pytest.mark.parametrize("cpus, workers", [(1, 0), (0.5, 0), (2, 1), (8, 7), (8.5, 7)])
+def test_auto_loader_workers_leave_one_cpu_to_training(cpus: float, workers: int) -> None:
+    cfg = validate_config({"distributed": {"cpus_per_worker": cpus}})
+    assert cfg.loader_workers == workers
+    assert validate_config({"data": {"loader_workers": 3}}).loader_workers == 3
+    with pytest.raises(ConfigError, match="data.loader_workers: must be auto or 0..64"):
+        validate_config({"data": {"loader_workers": 65}})
 
 
 def test_non_default_data_really_differs_from_defaults_in_every_section() -> None:
@@ -308,7 +319,7 @@ def test_model_typo_suggests_nearest(tmp_path: Path) -> None:
     "data, part",
     [
         ({"data": {"kind": "imagefolder"}}, "data.root: required when data.kind is 'imagefolder'"),
-        ({"data": {"val_resize": 16}}, "data.val_resize: 16 must be >= data.image_size (32)"),
+        ({"data": {"image_size": 32, "val_resize": 16}}, "data.val_resize: 16 must be >= data.image_size (32)"),
         ({"optimizer": {"nesterov": True, "momentum": 0.0}}, "optimizer.nesterov: requires optimizer.momentum > 0"),
         (["a", "b"], "expected a mapping of sections, got list"),
     ],
@@ -456,8 +467,9 @@ def test_with_num_workers_keeps_global_batch(workers: int, micro: int, steps: in
 
 @pytest.mark.parametrize("workers", [3, 5, 256])
 def test_with_num_workers_that_cannot_split_global_batch(workers: int) -> None:
+    cfg = validate_config({"batch": {"global_batch": 128, "micro_batch": 32}})
     with pytest.raises(ConfigError) as info:
-        TrainConfig().with_num_workers(workers)
+        cfg.with_num_workers(workers)
     msg = str(info.value)
     assert "\n" not in msg
     assert "128" in msg and f"{workers} workers" in msg
@@ -497,13 +509,13 @@ def test_write_atomic_overwrite_and_new_folders(tmp_path: Path) -> None:
 def test_write_atomic_race_keeps_the_other_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The target appears between the existence check and the rename: it is kept."""
     path = tmp_path / "best.yaml"
-    real_mkstemp = config_mod.tempfile.mkstemp
+    real_mkstemp = config_io.tempfile.mkstemp
 
     def mkstemp_then_race(*args: Any, **kwargs: Any) -> Any:
         path.write_text("theirs\n")
         return real_mkstemp(*args, **kwargs)
 
-    monkeypatch.setattr(config_mod.tempfile, "mkstemp", mkstemp_then_race)
+    monkeypatch.setattr(config_io.tempfile, "mkstemp", mkstemp_then_race)
     with pytest.raises((ConfigError, FileExistsError)):
         write_atomic(path, "ours\n")
     assert path.read_text() == "theirs\n"
@@ -516,7 +528,7 @@ def test_write_atomic_failure_leaves_no_temp_file(tmp_path: Path, monkeypatch: p
 
     path = tmp_path / "best.yaml"
     path.write_text("old\n")
-    monkeypatch.setattr(config_mod.os, "replace", broken_replace)
+    monkeypatch.setattr(config_io.os, "replace", broken_replace)
     with pytest.raises(OSError):
         write_atomic(path, "new\n", overwrite=True)
     assert path.read_text() == "old\n"

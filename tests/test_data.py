@@ -1,4 +1,4 @@
-"""trainable.data: dataset kinds, corrupt files, subsets, sharding, transforms, normalize."""
+"""trainable.data, datasets, transforms: dataset kinds, corrupt files, subsets, sharding, transforms, normalize."""
 
 from __future__ import annotations
 
@@ -12,19 +12,22 @@ import pytest
 import torch
 from PIL import Image
 
+import trainable.transforms
+from models import ModelDataConfig, data_config
 from trainable.config import TrainConfig
-from trainable.data import (
-    MEAN,
-    STD,
-    DataError,
-    build_datasets,
-    build_loaders,
-    normalize,
-)
+from trainable.data import build_loaders, denormalize, normalize
+from trainable.datasets import DataError, build_datasets
+from trainable.transforms import val_resize_px
 
 
 def make_cfg(**sections: Any) -> TrainConfig:
-    data: dict[str, Any] = {"batch": {"global_batch": 8, "micro_batch": 4}, "distributed": {"num_workers": 2}}
+    data: dict[str, Any] = {
+        "model": {"name": "resnet18_vd", "small_input": True},
+        "data": {"image_size": 32, "loader_workers": 0},
+        "augment": {"hflip": 0.0, "crop_scale": [0.35, 1.0]},
+        "batch": {"global_batch": 8, "micro_batch": 4},
+        "distributed": {"num_workers": 2},
+    }
     for key, value in sections.items():
         if isinstance(value, dict):
             data.setdefault(key, {}).update(value)
@@ -308,18 +311,69 @@ def test_synthetic_is_learnable_by_nearest_class_mean_and_deterministic():
 
 
 # normalize ------------------------------------------------------------------------------------------
+IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@pytest.mark.parametrize("name", ["resnet18_vd", "resnet50_vd", "resnet50"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_normalize_matches_naive(channels_last):
+def test_normalize_matches_naive(name, channels_last):
     x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    want = (x.float() / 1 - mean) / std
-    got = normalize(x, channels_last=channels_last)
+    mean = torch.tensor(IMAGENET_MEAN_255).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD_255).view(1, 3, 1, 1)
+    want = (x.float() - mean) / std
+    got = normalize(x, data_config(name), channels_last=channels_last)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # bit for bit what the fused op gave with the former 0..255-scale ImageNet constants
+    m64 = torch.tensor(IMAGENET_MEAN_255, dtype=torch.float64).view(1, 3, 1, 1)
+    s64 = torch.tensor(IMAGENET_STD_255, dtype=torch.float64).view(1, 3, 1, 1)
+    before = torch.addcmul((-m64 / s64).float(), x, (1.0 / s64).float())
+    assert torch.equal(got, before)
     with pytest.raises(ValueError):
-        normalize(x.float(), channels_last=False)
+        normalize(x.float(), data_config(name), channels_last=False)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize(x[:, :1], data_config(name))
+
+
+def test_normalize_uses_the_data_config_mean_and_std():
+    x = torch.randint(0, 256, (4, 3, 6, 6), dtype=torch.uint8)
+    imagenet = data_config("resnet50_vd")
+    other = ModelDataConfig(mean=(0.5, 0.25, 0.0), std=(0.5, 0.125, 1.0))
+    got = normalize(x, other)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (other.mean, other.std))
+    torch.testing.assert_close(got, ((x.double() / 255 - mean) / std).float(), rtol=1e-6, atol=1e-6)
+    assert got[:, 2].min() >= 0 and got[:, 2].max() <= 1  # mean 0, std 1: x / 255
+    assert (got - normalize(x, imagenet)).abs().amax(dim=(0, 2, 3)).min() > 0.1  # every channel moved
+    # the per-(device, mean, std) cache does not hand one config's constants to another
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN_255, IMAGENET_STD_255))
+    torch.testing.assert_close(normalize(x, imagenet), (x.float() - mean) / std, rtol=1e-5, atol=1e-5)
+    grey = ModelDataConfig(mean=(0.5,), std=(0.25,), input_size=(1, 8, 8))
+    g = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    torch.testing.assert_close(normalize(g, grey), (g.float() / 255 - 0.5) / 0.25, rtol=1e-6, atol=1e-6)
+
+
+def test_denormalize_inverts_normalize():
+    x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    for cfg in (data_config("resnet50_vd"), ModelDataConfig(mean=(0.5, 0.25, 0.0), std=(0.5, 0.125, 1.0))):
+        torch.testing.assert_close(denormalize(normalize(x, cfg), cfg), x.float() / 255, rtol=0, atol=1e-5)
+
+
+def test_val_resize_follows_the_model_crop_pct(monkeypatch):
+    cfg = make_cfg(data={"kind": "digits", "image_size": 32}, model={"name": "resnet50"})
+    assert data_config("resnet50").crop_pct == 0.875
+    assert val_resize_px(cfg) == 37  # round(32 / 0.875): as before the data configs
+    loaders = build_loaders(cfg, 0, 2, seed=0)
+    assert loaders.data_config == data_config("resnet50")
+
+    monkeypatch.setattr(trainable.transforms, "data_config", lambda name: ModelDataConfig(crop_pct=0.5))
+    assert val_resize_px(cfg) == 64
+    _, val, _ = build_datasets(cfg)
+    assert val.transform.transforms[0].size == [64]
+    assert val[0][0].shape == (3, 32, 32)
+    explicit = make_cfg(data={"kind": "digits", "image_size": 32, "val_resize": 40})
+    assert val_resize_px(explicit) == 40
 
 
 # transforms ------------------------------------------------------------------------------------------

@@ -13,15 +13,16 @@ import torch
 import yaml
 
 from tests.conftest import PYTHON, ROOT, cli_env
-from trainable.config import validate_config
+from trainable.config_io import validate_config
 from trainable.loop import METRICS, TENSORBOARD_DIR, TrainingDiverged, run_training
 
 FAST = {
     # resnet18_vd with the ImageNet stem: small enough for a 2-core CI machine
     "model": {"name": "resnet18_vd", "small_input": False},
-    "data": {"kind": "digits", "image_size": 32},
+    "data": {"kind": "digits", "image_size": 32, "loader_workers": 0},
+    "augment": {"hflip": 0.0, "crop_scale": [0.35, 1.0]},
     "batch": {"global_batch": 64, "micro_batch": 16},
-    "optimizer": {"base_lr": 0.4},
+    "optimizer": {"base_lr": 0.4, "weight_decay": 5.0e-5},
     "schedule": {"warmup_epochs": 0.5},
     "run": {"epochs": 3, "log_every": 10},
 }
@@ -56,7 +57,7 @@ def test_non_finite_loss_stops_with_epoch_step_and_lr(monkeypatch):
     import trainable.loop as loop
 
     real = loop.normalize
-    monkeypatch.setattr(loop, "normalize", lambda x, cl=False: real(x, cl) * float("nan"))
+    monkeypatch.setattr(loop, "normalize", lambda x, *args: real(x, *args) * float("nan"))
     with pytest.raises(TrainingDiverged) as err:
         run_training(cfg, 0, 1, torch.device("cpu"), report=lambda m, checkpoint=None: None)
     msg = str(err.value)
@@ -65,6 +66,7 @@ def test_non_finite_loss_stops_with_epoch_step_and_lr(monkeypatch):
 
 
 # Through Ray Train ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ray_train_two_workers_learn_report_and_write_tensorboard(ray_address, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -92,6 +94,7 @@ def _write_config(path: Path, **sections) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(ray_address, tmp_path):
     config = _write_config(tmp_path / "run.yaml", run={"epochs": 4})
     cmd = [PYTHON, "-m", "trainable.train", "--config", str(config), "--address", ray_address,

@@ -1,16 +1,21 @@
-"""Tests for models/: timm parity, shapes, init, param groups, errors."""
+"""Tests for models/: timm parity, shapes, init, param groups, data configs, errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
 from torch import nn
 
-from models import create_model, list_models, param_groups
-from models.resnet import BasicBlock, Bottleneck
+import models
+from models import ModelDataConfig, create_model, data_config, list_models, param_groups
+from models.resnet import _MODELS, BasicBlock, Bottleneck
+from tests.conftest import ROOT
 
 TIMM_NAMES = {
     "resnet18_vd": "resnet18d",
@@ -37,6 +42,78 @@ def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
 
 def test_list_models() -> None:
     assert list_models() == sorted(TIMM_NAMES)
+
+
+def test_builders_and_torch_free_names_are_the_same_set() -> None:
+    assert set(_MODELS) == set(list_models())
+
+
+def _run_python(code: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_names_and_data_configs_import_no_torch() -> None:
+    code = (
+        "import sys, models; names = models.list_models(); cfg = models.data_config('resnet50_vd'); "
+        "assert names and cfg.crop_pct > 0; "
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')); "
+        "assert not bad, bad"
+    )
+    _run_python(code)
+    # the lazy names still resolve, and then torch is loaded
+    _run_python("import sys, models; models.create_model; assert 'torch' in sys.modules")
+
+
+def test_lazy_attributes() -> None:
+    assert models.create_model is create_model
+    assert models.ResNet is type(create_model("resnet18_vd", num_classes=2))
+    assert {"ResNet", "create_model", "param_groups", "data_config"} <= set(dir(models))
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        models.no_such_thing  # noqa: B018
+
+
+# Bag-of-Tricks evaluation for every model; timm's default pretrained cfgs describe the
+# evaluation of particular released weights and differ here (see models/registry.py).
+TIMM_CFG_DIFFERENCES = {
+    "resnet18_vd": {"interpolation": "bicubic"},
+    "resnet34_vd": {"interpolation": "bicubic"},
+    "resnet50_vd": {"interpolation": "bicubic"},
+    "resnet101_vd": {"interpolation": "bicubic", "input_size": (3, 256, 256), "crop_pct": 0.95},
+    "resnet152_vd": {"interpolation": "bicubic", "input_size": (3, 256, 256), "crop_pct": 0.95},
+    "resnet50": {"interpolation": "bicubic", "crop_pct": 0.95},
+    "resnet50_vc": {"interpolation": "bicubic"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_NAMES))
+def test_data_config_against_timm(name: str) -> None:
+    cfg = data_config(name)
+    assert cfg == ModelDataConfig(
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=(3, 224, 224),
+        crop_pct=0.875, interpolation="bilinear",
+    )
+    timm_cfg = timm.models.get_pretrained_cfg(TIMM_NAMES[name]).to_dict()
+    fields = [f.name for f in dataclasses.fields(ModelDataConfig)]
+    differing = {k: tuple(timm_cfg[k]) if k in ("mean", "std", "input_size") else timm_cfg[k] for k in fields}
+    differing = {k: v for k, v in differing.items() if v != getattr(cfg, k)}
+    assert differing == TIMM_CFG_DIFFERENCES[name]
+
+
+def test_data_config_is_frozen_and_checked() -> None:
+    cfg = data_config("resnet18_vd")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.crop_pct = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="resnet51_vd"):
+        data_config("resnet51_vd")
+    for bad in ({"crop_pct": 0.0}, {"crop_pct": 1.5}, {"std": (0.2, 0.0, 0.2)}, {"mean": (0.5,)},
+                {"input_size": (3, 224)}, {"interpolation": "lanczos"}):
+        with pytest.raises(ValueError):
+            ModelDataConfig(**bad)
+    grey = ModelDataConfig(mean=(0.5,), std=(0.25,), input_size=(1, 28, 28), crop_pct=1.0)
+    assert grey.mean == (0.5,)
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_NAMES))
@@ -160,16 +237,6 @@ def test_shortcut_structure() -> None:
     assert vc.layer2[0].downsample[0].kernel_size == (1, 1)
 
 
-def test_reset_classifier() -> None:
-    model = create_model("resnet18_vd", num_classes=5)
-    assert model.num_classes == 5 and model.fc.out_features == 5
-    model.reset_classifier(3)
-    assert model.num_classes == 3 and model.fc.out_features == 3
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
-    with pytest.raises(ValueError, match="num_classes"):
-        model.reset_classifier(0)
-
-
 def test_param_groups() -> None:
     model = create_model("resnet18_vd")
     model.conv1[0].weight.requires_grad_(False)
@@ -186,6 +253,11 @@ def test_param_groups() -> None:
     assert id(model.conv1[0].weight) not in grouped
     assert id(model.fc.bias) in {id(p) for p in no_decay_group["params"]}
     torch.optim.SGD(param_groups(model, 1e-4), lr=0.1)  # accepted by an optimizer
+
+    same_split = param_groups(model, 5e-5, no_bias_decay=False)
+    assert [g["weight_decay"] for g in same_split] == [5e-5, 5e-5]
+    for g, h in zip(same_split, (decay_group, no_decay_group)):
+        assert [id(p) for p in g["params"]] == [id(p) for p in h["params"]]
 
 
 def test_unknown_name_lists_valid_names() -> None:

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainable.config import ConfigError, ScheduleConfig, TrainConfig, validate_config
+from trainable.config import ConfigError, ScheduleConfig, TrainConfig
+from trainable.config_io import validate_config
 from trainable.optim import LARS, build_optimizer, build_scheduler, lr_factor
 
 

@@ -57,6 +57,7 @@ def _results(exp: Path) -> dict[str, list[dict]]:
 
 
 # Two nodes, one lost -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_node_search_survives_losing_a_node(tmp_path):
     cluster = subprocess.Popen([PYTHON, "-m", "tests.two_nodes"], cwd=ROOT, env=cli_env(), text=True,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -163,6 +164,7 @@ def _keys(client, prefix: str) -> list[str]:
         token = page["NextContinuationToken"]
 
 
+@pytest.mark.slow
 def test_search_resume_and_export_on_s3(s3, tmp_path):
     client, aws = s3
     uri = "s3://trick-bucket/exps"

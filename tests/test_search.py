@@ -15,10 +15,12 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search.run import SEARCH_INFO, main, prepare, run_search
+from search.experiment import SEARCH_INFO
+from search.run import main, prepare, run_search
 from search.study import TUNE_TRIAL_ID, load_study
 from tests.conftest import PYTHON, ROOT, cli_env
-from trainable.config import LEAF_PATHS, load_config
+from trainable.config import LEAF_PATHS
+from trainable.config_io import load_config
 
 # A quick but real search: 5 trials one after another, 3 epochs each, ASHA halving at
 # epochs 1 and 2, so a trial worse than the median of those before it is stopped.
@@ -44,6 +46,23 @@ def searched(ray_address, tmp_path_factory):
     return space, outcome
 
 
+def _tune_results(exp: str) -> dict[str, list[dict]]:
+    """Tune's own result rows of every trial, straight from its result.json."""
+    out = {}
+    for f in Path(exp).glob("*/result.json"):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if rows:
+            out[rows[0]["trial_id"]] = rows
+    return out
+
+
+def _best_finished(exp: str, metric: str = "val_acc", epochs: int = 3) -> dict[str, float]:
+    """{trial id: best metric} of the trials whose Tune results reach the last epoch."""
+    return {tid: max(r[metric] for r in rows) for tid, rows in _tune_results(exp).items()
+            if rows[-1]["epoch"] == epochs}
+
+
+@pytest.mark.slow
 def test_search_runs_every_trial_and_asha_stops_some(searched):
     space, outcome = searched
     rows = outcome.rows
@@ -52,8 +71,14 @@ def test_search_runs_every_trial_and_asha_stops_some(searched):
     assert "stopped early" in statuses, statuses
     assert "done" in statuses, statuses
     assert all(r.status != "error" for r in rows)
+    tune_results = _tune_results(outcome.experiment.path)
+    assert set(tune_results) == {r.trial_id for r in rows}
     for r in rows:
-        assert r.epochs == (3 if r.status == "done" else r.epochs) and 1 <= r.epochs <= 3
+        reported = [x["epoch"] for x in tune_results[r.trial_id]]
+        assert reported == list(range(1, len(reported) + 1))  # each epoch reported once
+        assert r.epochs == reported[-1]
+        assert r.status == ("done" if reported[-1] == 3 else "stopped early")
+        assert r.best == pytest.approx(max(x["val_acc"] for x in tune_results[r.trial_id]))
         assert set(r.values) <= set(space.searched_paths)
         assert "mix.mode" in r.values
         # conditional keys only where their condition holds
@@ -67,6 +92,7 @@ def test_search_runs_every_trial_and_asha_stops_some(searched):
     assert (exp / "optuna.db").is_file() and (exp / SEARCH_INFO).is_file()
 
 
+@pytest.mark.slow
 def test_stopped_trials_reach_optuna_as_pruned_with_intermediate_values(searched):
     space, outcome = searched
     study = load_study(outcome.experiment.study_db, "quick")
@@ -93,6 +119,7 @@ def _events(folder: Path):
         yield from EventFileLoader(str(f)).Load()
 
 
+@pytest.mark.slow
 def test_hparams_view_lists_every_trial_with_its_tricks_and_accuracy(searched):
     from tensorboard.plugins.hparams import metadata as hp_metadata
 
@@ -127,6 +154,7 @@ def _scalar(v) -> float:
     return float(tensor_util.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
 
 
+@pytest.mark.slow
 def test_trial_runs_write_their_own_tensorboard_files(searched):
     _, outcome = searched
     runs = Path(outcome.experiment.runs)
@@ -134,6 +162,7 @@ def test_trial_runs_write_their_own_tensorboard_files(searched):
         assert list((runs / f"trial_{row.trial_id}" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_export_then_production_training(searched, ray_address, tmp_path):
     space, outcome = searched
     out = tmp_path / "best.yaml"
@@ -141,9 +170,13 @@ def test_export_then_production_training(searched, ray_address, tmp_path):
     assert r.returncode == 0, r.stderr
     data = yaml.safe_load(out.read_text())
     prov = data.pop("provenance")
-    best = min((row for row in outcome.rows if row.status == "done"), key=lambda row: -row.best)
-    assert prov["trial_id"] == best.trial_id and prov["epochs_run"] == 3
-    assert prov["best_val_acc"] == pytest.approx(best.best)
+    bests = _best_finished(outcome.experiment.path)  # Tune's rows, not the export's reader
+    ranked = sorted(bests.values(), reverse=True)
+    assert bests[prov["trial_id"]] == pytest.approx(ranked[0]) and prov["epochs_run"] == 3
+    assert prov["best_val_acc"] == pytest.approx(ranked[0])
+    best = next(row for row in outcome.rows if row.trial_id == prov["trial_id"])
+    study = {t.user_attrs[TUNE_TRIAL_ID]: t for t in load_study(outcome.experiment.study_db, "quick").get_trials()}
+    assert prov["searched"] == best.values == study[prov["trial_id"]].params
     assert prov["space_sha256"] == space.sha256 and prov["versions"]["torch"]
     cfg = load_config(out)
     flat = {p for p in LEAF_PATHS}
@@ -161,7 +194,17 @@ def test_export_then_production_training(searched, ray_address, tmp_path):
                   "--num-workers", "1", "--rank", "2"])
     assert r.returncode == 0, r.stderr
     cfg1 = load_config(one)
-    assert cfg1.batch.global_batch == _get(load_config(one).model_dump(), "batch.global_batch")
+    prov1 = yaml.safe_load(one.read_text())["provenance"]
+    assert prov1["rank"] == 2 and prov1["trial_id"] != prov["trial_id"]
+    assert bests[prov1["trial_id"]] == pytest.approx(ranked[1]) == prov1["best_val_acc"]
+    # the second trial's values as Optuna sampled them, the rest from the space's base config
+    params = study[prov1["trial_id"]].params
+    assert prov1["searched"] == params
+    dumped = cfg1.model_dump()
+    for path in space.searched_paths:
+        expected = params[path] if path in params else _get(space.train.model_dump(), path)
+        assert _get(dumped, path) == expected, path
+    assert cfg1.batch.global_batch == params.get("batch.global_batch", space.train.batch.global_batch)
     assert cfg1.distributed.num_workers == 1 and cfg1.accum_steps * cfg1.batch.micro_batch == cfg1.batch.global_batch
 
     train = _run_cli(["-m", "trainable.train", "--config", str(out), "--set", "run.epochs=1", "--address", ray_address,
@@ -203,6 +246,7 @@ def test_bad_space_exits_2_and_launches_nothing(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.slow
 def test_unsatisfiable_trial_fails_at_once(ray_address, tmp_path, capsys):
     start = time.monotonic()
     rc = main(["--storage-path", str(tmp_path), "--name", "big", "--address", ray_address,
@@ -214,6 +258,7 @@ def test_unsatisfiable_trial_fails_at_once(ray_address, tmp_path, capsys):
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow
 def test_existing_experiment_needs_resume(searched, capsys):
     _, outcome = searched
     exp = Path(outcome.experiment.path)
@@ -224,6 +269,7 @@ def test_existing_experiment_needs_resume(searched, capsys):
 
 
 # Resume after the driver is killed --------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_after_sigkill_finishes_the_experiment(ray_address, tmp_path):
     args = ["-m", "search.run", "--address", ray_address, "--storage-path", str(tmp_path), "--name", "killed",
             "--num-samples", "3", "--max-concurrent-trials", "1",

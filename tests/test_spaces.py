@@ -23,6 +23,7 @@ from spaces import (
     resolve_space_path,
 )
 from trainable.config import ConfigError, TrainConfig
+from trainable.storage import expand_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -125,7 +126,7 @@ def test_imagenet_reference_study() -> None:
     assert t.distributed.num_workers == 8 and t.distributed.use_gpu
     assert t.schedule.name == "cosine" and t.schedule.warmup_epochs == 5
     assert space.search["batch.global_batch"].values == [256, 512, 1024, 2048]
-    assert space.experiment.storage_uri.startswith("s3://")
+    assert expand_storage(space.experiment.storage_path).startswith("s3://")
 
 
 def test_resolve_space_path(tmp_path: Path) -> None:
@@ -138,10 +139,13 @@ def test_resolve_space_path(tmp_path: Path) -> None:
         resolve_space_path(tmp_path / "missing.yaml")
 
 
-def test_storage_paths() -> None:
+def test_storage_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     space = load_space(QUICKSTART)
-    assert space.experiment.storage_uri == str(Path("~/trick-search").expanduser())
-    assert space.experiment.experiment_dir == f"{Path('~/trick-search').expanduser()}/quickstart"
+    assert expand_storage(space.experiment.storage_path) == str(Path("~/trick-search").expanduser())
+    monkeypatch.chdir(tmp_path)
+    assert expand_storage("runs/x") == f"{tmp_path}/runs/x"  # relative folders become absolute
+    assert expand_storage("s3://bucket/exp/") == "s3://bucket/exp"  # URIs as given, no trailing slash
+    assert expand_storage("gs://b") == "gs://b"
 
 
 # --set overrides -------------------------------------------------------------------------------

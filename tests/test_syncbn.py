@@ -13,17 +13,16 @@ What is compared, per case (4D, 2D, uneven per-rank batches with momentum=None):
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+
+from tests.conftest import spawn_workers
 
 from trainable.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
@@ -37,29 +36,11 @@ CASES = {
 
 
 # Multi-process harness ----------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
     )
-
-
-def _spawn(fn, outdir: Path, timeout: float = 90.0) -> list[dict]:
-    ctx = mp.start_processes(fn, args=(_free_port(), str(outdir)), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"workers did not finish within {timeout}s")
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
 # Cases --------------------------------------------------------------------------------
@@ -160,7 +141,7 @@ def _reference(case: dict) -> dict:
 
 
 def test_syncbn_matches_full_batch_bn(tmp_path):
-    results = _spawn(_worker, tmp_path)
+    results = spawn_workers(_worker, tmp_path, WORLD)
     for name, case in CASES.items():
         ref = _reference(case)
         for rank in range(WORLD):

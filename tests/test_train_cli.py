@@ -1,4 +1,5 @@
-"""Tests for the production CLI (`python -m trainable.train`) and trainable/cluster.py:
+"""Tests for the production CLI (`python -m trainable.train`), trainable/cluster.py and the
+storage check:
 user errors end in one `error:` line and exit code 2 before any training starts."""
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
-from trainable.cluster import check_storage, error_line
-from trainable.config import ConfigError, TrainConfig, save_config
+from trainable.cluster import error_line
+from trainable.config import ConfigError, TrainConfig
+from trainable.config_io import save_config
+from trainable.storage import Storage
 from trainable.train import prepare_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +48,8 @@ def small_config(tmp_path: Path) -> Path:
     return write(
         tmp_path / "small.yaml",
         {
+            "model": {"name": "resnet18_vd", "small_input": True},
+            "data": {"image_size": 32},
             "batch": {"global_batch": 128, "micro_batch": 32},
             "distributed": {"num_workers": 2},
             "run": {"epochs": 5},
@@ -233,20 +238,20 @@ def test_error_line_uses_the_cause_and_the_last_line() -> None:
     assert error_line(RuntimeError("")) == "RuntimeError: "
 
 
-# cluster.check_storage ---------------------------------------------------------------------------------------
-def test_check_storage_writable_folder_is_left_clean(tmp_path: Path) -> None:
+# Storage.check_writable -----------------------------------------------------------------------------------
+def test_check_writable_folder_is_left_clean(tmp_path: Path) -> None:
     target = tmp_path / "new" / "storage"
-    check_storage(str(target))
+    Storage(str(target)).check_writable()
     assert target.is_dir()
     assert os.listdir(target) == []
 
 
-def test_check_storage_under_a_file(tmp_path: Path) -> None:
+def test_check_writable_under_a_file(tmp_path: Path) -> None:
     afile = tmp_path / "afile"
     afile.write_text("x")
     target = afile / "sub"
     with pytest.raises(ConfigError) as info:
-        check_storage(str(target))
+        Storage(str(target)).check_writable()
     msg = str(info.value)
     assert "\n" not in msg
     assert msg.startswith(f"--storage-path {target}: cannot write there (")
@@ -254,13 +259,13 @@ def test_check_storage_under_a_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
-def test_check_storage_read_only_folder(tmp_path: Path) -> None:
+def test_check_writable_read_only_folder(tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
     try:
         with pytest.raises(ConfigError) as info:
-            check_storage(str(ro))
+            Storage(str(ro)).check_writable()
         msg = str(info.value)
         assert "\n" not in msg
         assert msg.startswith(f"--storage-path {ro}: cannot write there (")

@@ -1,7 +1,11 @@
 """One trick-configurable training run of a ResNet-vd: config, data, tricks, and the Ray
-Train worker loop. Knows nothing of Tune or Optuna."""
+Train worker loop. Knows nothing of Tune or Optuna.
 
-from trainable.config import ConfigError, TrainConfig, load_config, save_config
-from trainable.syncbn import SyncBatchNorm, convert_sync_batchnorm
+`import trainable` and its config modules import no torch; the training modules
+(`trainable.loop`, `trainable.data`, ...) do, and are imported where they are used.
+"""
 
-__all__ = ["ConfigError", "SyncBatchNorm", "TrainConfig", "convert_sync_batchnorm", "load_config", "save_config"]
+from trainable.config import ConfigError, TrainConfig
+from trainable.config_io import load_config, save_config
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "save_config"]

@@ -1,16 +1,14 @@
-"""Connecting to Ray, checking storage, and turning run failures into one line.
-Shared by the production CLI and the search."""
+"""Connecting to Ray and turning run failures into one line. Shared by the production CLI
+and the search."""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
-import uuid
 from typing import Any
 
 from trainable.config import ConfigError
-from trainable.storage import expand_storage, is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +36,6 @@ def connect(address: str | None = None, **init_kwargs: Any) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if address:
         _probe(address)
         try:
@@ -54,28 +51,6 @@ def connect(address: str | None = None, **init_kwargs: Any) -> None:
         logger.info("joined the Ray cluster running on this machine")
     except (ConnectionError, ValueError, RuntimeError):
         ray.init(**init_kwargs)
-
-
-def check_storage(path: str) -> None:
-    """Fail before anything starts when the storage cannot be written."""
-    import pyarrow.fs
-
-    path = expand_storage(path)
-    probe_name = f".write-check-{uuid.uuid4().hex[:8]}"
-    try:
-        if is_uri(path):
-            fs, root = pyarrow.fs.FileSystem.from_uri(path)
-        else:
-            fs, root = pyarrow.fs.LocalFileSystem(), path
-            os.makedirs(root, exist_ok=True)
-        fs.create_dir(root, recursive=True)
-        target = f"{root}/{probe_name}"
-        with fs.open_output_stream(target) as f:
-            f.write(b"ok")
-        fs.delete_file(target)
-    except Exception as err:  # pyarrow raises OSError subclasses, botocore others
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"--storage-path {path}: cannot write there ({reason})") from None
 
 
 def error_line(err: BaseException) -> str:

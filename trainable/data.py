@@ -1,560 +1,76 @@
-"""Datasets, transforms and loaders for one training run.
+"""Loaders for one training run, and device-side normalisation.
 
 Every dataset yields `(image, label)`: `image` a uint8 CHW tensor of shape (3, S, S) with
 S = `cfg.data.image_size`, `label` an int. Images are not normalised here: the training
 loop moves the uint8 batch to the device (4x fewer bytes than float) and calls
-`normalize` there.
+`normalize` there with the model's data config (`models.data_config`), which also gives
+the validation crop fraction and the resize interpolation.
 
-Kinds (`cfg.data.kind`):
-- `imagefolder`: `root/train/<class>/*` and `root/val/<class>/*`, any format PIL opens.
-- `cifar10` / `cifar100`: torchvision's dataset folder (downloaded when missing).
-- `digits`: scikit-learn's 8x8 handwritten digits, upsampled once, held in memory.
-- `synthetic`: generated per index (any count, any size), deterministic and learnable.
-
-This module knows nothing of Ray or Tune.
+The data sets of each `data.kind` live in `trainable.datasets`. Knows nothing of Ray or Tune.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import math
-import os
-import pickle
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
-from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.transforms import v2
 
+from models import ModelDataConfig, data_config
 from trainable.config import TrainConfig
+from trainable.datasets import DataError, build_datasets
 
-__all__ = [
-    "DataError",
-    "MEAN",
-    "STD",
-    "ImageDataset",
-    "Loaders",
-    "build_datasets",
-    "build_loaders",
-    "normalize",
-    "stratified_subset_indices",
-    "train_transform",
-    "val_transform",
-]
+__all__ = ["Loaders", "build_loaders", "denormalize", "normalize"]
 
 logger = logging.getLogger(__name__)
-
-MEAN: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-"""ImageNet channel means on the 0..255 scale (RGB)."""
-STD: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-"""ImageNet channel standard deviations on the 0..255 scale (RGB)."""
-
-_SUBSET_SEED = 1_729  # fixed: a subset is the same on every rank and run, whatever run.seed
-_SYNTH_SEED = 2_019  # fixed: the synthetic set is the same everywhere
-_MAX_SUBSTITUTES = 16  # load-time decode failures tolerated in a row before giving up
-
-
-class DataError(ValueError):
-    """A user error in the data: one line naming the path and what is wrong."""
-
-
-# Transforms ----------------------------------------------------------------------------------
-#
-# PIL or tensor? Measured on this project's 2-core CPU machine, one thread, 64 random-content
-# 500x375 JPEGs (quality 90), image_size 224, RandomResizedCrop + hflip 0.5 + ColorJitter 0.4
-# + RandAugment(2, 9), interleaved runs, median of 9:
-#   PIL decode, augment on PIL, then to tensor:            223 images/s
-#   torchvision.io.decode_jpeg, augment on uint8 tensors:  197 images/s
-#   PIL decode, to tensor, augment on uint8 tensors:       187 images/s
-# and at 32 px on in-memory uint8 arrays (digits/CIFAR-like), median of 7:
-#   Image.fromarray, augment on PIL:   1518 images/s
-#   augment on uint8 tensors:          1312 images/s
-# So the pipeline runs on PIL images and converts to a uint8 tensor at the end (only
-# RandomErasing, which has no PIL version, runs after the conversion). In-memory kinds keep
-# uint8 numpy arrays and hand `Image.fromarray` views to the pipeline.
-
-
-def _blur_kernel(image_size: int) -> int:
-    k = max(3, round(0.1 * image_size))
-    return k if k % 2 else k + 1
-
-
-def train_transform(cfg: TrainConfig) -> v2.Compose:
-    """The training augmentation of `cfg.augment`: PIL RGB image in, uint8 CHW tensor out."""
-    size = cfg.data.image_size
-    aug = cfg.augment
-    ops: list[Any] = [v2.RandomResizedCrop(size, scale=tuple(aug.crop_scale), antialias=True)]
-    if aug.hflip > 0:
-        ops.append(v2.RandomHorizontalFlip(p=aug.hflip))
-    cj = aug.color_jitter
-    if cj.brightness > 0 or cj.contrast > 0 or cj.saturation > 0:
-        ops.append(v2.ColorJitter(brightness=cj.brightness, contrast=cj.contrast, saturation=cj.saturation))
-    ra = aug.randaugment
-    if ra.magnitude > 0:
-        ops.append(v2.RandAugment(num_ops=ra.num_ops, magnitude=ra.magnitude, num_magnitude_bins=31))
-    if aug.grayscale_prob > 0:
-        ops.append(v2.RandomGrayscale(p=aug.grayscale_prob))
-    if aug.blur_prob > 0:
-        blur = v2.GaussianBlur(kernel_size=_blur_kernel(size), sigma=(0.1, 2.0))
-        ops.append(v2.RandomApply([blur], p=aug.blur_prob))
-    ops.append(v2.ToImage())  # uint8 CHW
-    if aug.erasing_prob > 0:
-        ops.append(v2.RandomErasing(p=aug.erasing_prob, value=0))  # works on uint8 in v2
-    ops.append(v2.ToPureTensor())
-    return v2.Compose(ops)
-
-
-def val_transform(cfg: TrainConfig) -> v2.Compose:
-    """Resize the shorter side to `data.val_resize_px`, centre-crop `data.image_size`."""
-    return v2.Compose(
-        [
-            v2.Resize(cfg.data.val_resize_px, antialias=True),
-            v2.CenterCrop(cfg.data.image_size),
-            v2.ToImage(),
-            v2.ToPureTensor(),
-        ]
-    )
 
 
 # Device-side normalisation ----------------------------------------------------------------------
 @functools.lru_cache(maxsize=16)
-def _scale_shift(device: torch.device) -> tuple[Tensor, Tensor]:
-    mean = torch.tensor(MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float64).view(1, 3, 1, 1)
-    scale = (1.0 / std).to(torch.float32)
-    shift = (-mean / std).to(torch.float32)
+def _scale_shift(
+    device: torch.device, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[Tensor, Tensor]:
+    """(1 / (255 std), -mean / std) as float32 (1, C, 1, 1) tensors on `device`."""
+    m = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+    scale = (1.0 / (255.0 * s)).to(torch.float32)
+    shift = (-m / s).to(torch.float32)
     return scale.to(device), shift.to(device)
 
 
-def normalize(images_uint8: Tensor, channels_last: bool = False) -> Tensor:
-    """float32 `(x - MEAN) / STD` of a uint8 NCHW batch, on the batch's device.
+def normalize(images_uint8: Tensor, data_cfg: ModelDataConfig, channels_last: bool = False) -> Tensor:
+    """float32 `(x / 255 - mean) / std` of a uint8 NCHW batch, on the batch's device, with the
+    mean and std of the model's data config.
 
-    One fused op (`x * (1/STD) + (-MEAN/STD)` through `addcmul`, which reads the uint8 input
-    directly); the constants are cached per device so no host-device copy happens per step.
-    With `channels_last` the (cheap, uint8) layout change happens first and the float
-    result keeps it.
+    One fused op (`x * scale + shift` through `addcmul`, which reads the uint8 input
+    directly); scale and shift are cached per (device, mean, std) so no host-device copy
+    happens per step. With `channels_last` the (cheap, uint8) layout change happens first
+    and the float result keeps it.
     """
-    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
+    channels = len(data_cfg.mean)
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != channels:
         raise ValueError(
-            f"normalize expects a uint8 (N, 3, H, W) batch, got {images_uint8.dtype} {tuple(images_uint8.shape)}"
+            f"normalize expects a uint8 (N, {channels}, H, W) batch, "
+            f"got {images_uint8.dtype} {tuple(images_uint8.shape)}"
         )
-    scale, shift = _scale_shift(images_uint8.device)
+    scale, shift = _scale_shift(images_uint8.device, tuple(data_cfg.mean), tuple(data_cfg.std))
     x = images_uint8
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return torch.addcmul(shift, x, scale)
 
 
-# Datasets ----------------------------------------------------------------------------------------
-class ImageDataset(Dataset):
-    """Base: `load(i)` gives an RGB PIL image, `transform` makes the uint8 tensor."""
-
-    classes: list[str]
-    targets: np.ndarray
-    skipped: int = 0
-
-    def __init__(self, classes: list[str], targets: np.ndarray, transform: Callable[[Any], Tensor]):
-        self.classes = list(classes)
-        self.targets = np.asarray(targets, dtype=np.int64)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def load(self, index: int) -> Image.Image:
-        raise NotImplementedError
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.transform(self.load(index)), int(self.targets[index])
-
-
-class _SubsetDataset(ImageDataset):
-    """Selected indices of another dataset (its transform, its classes)."""
-
-    def __init__(self, base: ImageDataset, indices: np.ndarray):
-        self.base = base
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.classes = base.classes
-        self.targets = base.targets[self.indices]
-        self.skipped = base.skipped
-
-    @property
-    def transform(self) -> Callable[[Any], Tensor]:  # type: ignore[override]
-        return self.base.transform
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return self.base[int(self.indices[index])]
-
-
-class _ArrayDataset(ImageDataset):
-    """In-memory uint8 images: (N, H, W, 3) RGB or (N, H, W) grey."""
-
-    def __init__(self, images: np.ndarray, targets: np.ndarray, classes: list[str], transform: Callable):
-        super().__init__(classes, targets, transform)
-        self.images = images
-
-    def load(self, index: int) -> Image.Image:
-        img = Image.fromarray(self.images[index])
-        return img if img.mode == "RGB" else img.convert("RGB")
-
-
-# imagefolder ------------------------------------------------------------------------------------
-_IMAGE_EXTENSIONS = {ext.lower() for ext in Image.registered_extensions()} | {".jpg", ".jpeg", ".png"}
-
-
-def _probe(path: str) -> str | None:
-    """None when PIL reads the header (only the header is read), else the reason."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except UnidentifiedImageError:
-        return "not an image PIL can read"
-    except OSError as err:
-        return err.strerror or str(err) or type(err).__name__
-    except Exception as err:  # noqa: BLE001 - PIL plugins raise assorted errors on bad headers
-        return f"{type(err).__name__}: {err}"
-    if w < 1 or h < 1:
-        return "image has zero size"
-    return None
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
-
-
-def _class_files(class_dir: Path) -> list[str]:
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not _is_hidden(f))
-    return out
-
-
-def _scan_split(
-    split_dir: Path, classes: list[str], skip_corrupt: bool
-) -> tuple[list[str], list[int], int]:
-    """Paths and labels of the readable images of one split, and how many were skipped.
-
-    Files with an image extension whose header PIL cannot read are corrupt (an error, or
-    skipped and counted with `skip_corrupt`); files with another extension are kept when PIL
-    reads them and otherwise ignored (a README, a Thumbs.db).
-    """
-    start = time.perf_counter()
-    per_class = [_class_files(split_dir / c) for c in classes]
-    flat = [p for files in per_class for p in files]
-    # Header reads are mostly waiting on file I/O (which releases the GIL): threads overlap them.
-    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
-        reasons = list(pool.map(_probe, flat, chunksize=64))
-    logger.info("%s: checked %d file headers in %.1f s", split_dir, len(flat), time.perf_counter() - start)
-    paths: list[str] = []
-    labels: list[int] = []
-    skipped = ignored = 0
-    pos = 0
-    for label, (cls, files) in enumerate(zip(classes, per_class)):
-        n_before = len(paths)
-        class_skipped = 0
-        for path in files:
-            reason = reasons[pos]
-            pos += 1
-            if reason is None:
-                paths.append(path)
-                labels.append(label)
-            elif Path(path).suffix.lower() not in _IMAGE_EXTENSIONS:
-                ignored += 1
-            elif skip_corrupt:
-                logger.warning("skipping corrupt image %s (%s)", path, reason)
-                skipped += 1
-                class_skipped += 1
-            else:
-                raise DataError(
-                    f"{path}: corrupt or unreadable image ({reason}); remove it or set data.skip_corrupt: true"
-                )
-        if len(paths) == n_before:
-            extra = f" ({class_skipped} corrupt skipped)" if class_skipped else ""
-            raise DataError(f"{split_dir / cls}: no images in class folder{extra}")
-    if ignored:
-        logger.info("%s: ignored %d files that are not images", split_dir, ignored)
-    return paths, labels, skipped
-
-
-class ImageFolderDataset(ImageDataset):
-    """Images in `<split_dir>/<class>/**`, decoded with PIL and converted to RGB."""
-
-    def __init__(
-        self,
-        paths: list[str],
-        labels: list[int],
-        classes: list[str],
-        transform: Callable,
-        skip_corrupt: bool,
-        skipped: int = 0,
-    ):
-        super().__init__(classes, np.asarray(labels, dtype=np.int64), transform)
-        self.paths = paths
-        self.skip_corrupt = skip_corrupt
-        self.skipped = skipped
-
-    def load(self, index: int) -> Image.Image:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")  # decodes fully: truncated data fails here
-        except Exception as err:  # noqa: BLE001 - any decoder failure is the file's fault
-            reason = (err.strerror if isinstance(err, OSError) else None) or str(err) or type(err).__name__
-            raise DataError(f"{path}: cannot decode image ({reason})") from None
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        n = len(self.paths)
-        for attempt in range(min(n, _MAX_SUBSTITUTES)):
-            i = (index + attempt) % n  # deterministic substitute: the next image
-            try:
-                img = self.load(i)
-            except DataError as err:
-                if not self.skip_corrupt:
-                    raise
-                logger.warning("%s; using image %d instead", err, (i + 1) % n)
-                continue
-            return self.transform(img), int(self.targets[i])
-        raise DataError(
-            f"{self.paths[index]}: this and the next {min(n, _MAX_SUBSTITUTES) - 1} images cannot be decoded"
-        )
-
-
-def _imagefolder(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, list[str]]:
-    assert cfg.data.root is not None  # the config guarantees it
-    root = Path(cfg.data.root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder (data.root for data.kind 'imagefolder')")
-    train_dir, val_dir = root / "train", root / "val"
-    for d in (train_dir, val_dir):
-        if not d.is_dir():
-            raise DataError(f"{d}: missing; data.root must hold train/<class>/ and val/<class>/ folders")
-    classes = _class_dirs(train_dir)
-    if not classes:
-        raise DataError(f"{train_dir}: no class folders")
-    val_classes = _class_dirs(val_dir)
-    if val_classes != classes:
-        only_train = sorted(set(classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(classes))
-        parts = []
-        if only_train:
-            parts.append(f"only in train: {', '.join(only_train)}")
-        if only_val:
-            parts.append(f"only in val: {', '.join(only_val)}")
-        raise DataError(f"{val_dir}: class folders differ from {train_dir} ({'; '.join(parts)})")
-    skip = cfg.data.skip_corrupt
-    tr_paths, tr_labels, tr_skipped = _scan_split(train_dir, classes, skip)
-    va_paths, va_labels, va_skipped = _scan_split(val_dir, classes, skip)
-    train = ImageFolderDataset(tr_paths, tr_labels, classes, train_transform(cfg), skip, tr_skipped)
-    val = ImageFolderDataset(va_paths, va_labels, classes, val_transform(cfg), skip, va_skipped)
-    return train, val, classes
-
-
-# cifar10 / cifar100 -------------------------------------------------------------------------------
-class _ExtractedFolder:
-    """torchvision's CIFAR classes md5-hash every extracted file on each construction: in
-    `_check_integrity` (which `download()` also asks before downloading) and in `_load_meta`.
-    An extracted folder that is not byte-identical to the official one (a test archive, a
-    re-pickled copy) then fails as "corrupted", and download=True would fetch the official
-    archive over it. Here existence is enough: a complete extracted folder is loaded as is
-    (no network, no hashing 170 MB on every rank), a missing one is downloaded (the archive's
-    md5 is still checked by torchvision's `download_and_extract_archive`). A damaged file then
-    fails when unpickled, which `_cifar` reports as a DataError naming the folder."""
-
-    root: str
-    base_folder: str
-    train_list: list[list[str]]
-    test_list: list[list[str]]
-    meta: dict[str, str]
-
-    def _check_integrity(self) -> bool:
-        folder = os.path.join(self.root, self.base_folder)
-        names = [f for f, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-        return all(os.path.isfile(os.path.join(folder, n)) for n in names)
-
-    def _load_meta(self) -> None:
-        path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-        self.classes = list(data[self.meta["key"]])
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
-
-class _LocalCIFAR10(_ExtractedFolder, CIFAR10):
-    pass
-
-
-class _LocalCIFAR100(_ExtractedFolder, CIFAR100):
-    pass
-
-
-def _cifar(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, list[str]]:
-    assert cfg.data.root is not None
-    root = Path(cfg.data.root).expanduser()
-    if root.exists() and not root.is_dir():
-        raise DataError(f"{root}: not a folder (data.root for data.kind {cfg.data.kind!r})")
-    cls = _LocalCIFAR10 if cfg.data.kind == "cifar10" else _LocalCIFAR100
-    out: list[ImageDataset] = []
-    for train, tf in ((True, train_transform(cfg)), (False, val_transform(cfg))):
-        try:
-            ds = cls(str(root), train=train, download=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as err:
-            folder = root / cls.base_folder
-            raise DataError(f"{folder}: cannot load {cfg.data.kind} ({type(err).__name__}: {err})") from None
-        out.append(_ArrayDataset(np.ascontiguousarray(ds.data), np.asarray(ds.targets), list(ds.classes), tf))
-    return out[0], out[1], out[0].classes
-
-
-# digits ---------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=4)
-def _digits_arrays(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train/val grey images (N, size, size) uint8 and labels; the split is fixed."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)  # bundled with scikit-learn: no download
-    idx = np.arange(len(y))
-    tr, va = train_test_split(idx, test_size=0.2, stratify=y, random_state=0)
-    tr, va = np.sort(tr), np.sort(va)
-    imgs = torch.from_numpy(x.reshape(-1, 1, 8, 8) * (255.0 / 16.0)).float()
-    imgs = torch.nn.functional.interpolate(imgs, size=(size, size), mode="bilinear", align_corners=False)
-    imgs = imgs.round_().clamp_(0, 255).to(torch.uint8)[:, 0].numpy()
-    return imgs[tr], y[tr], imgs[va], y[va]
-
-
-def _digits(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, list[str]]:
-    xtr, ytr, xva, yva = _digits_arrays(cfg.data.image_size)
-    classes = [str(d) for d in range(10)]
-    return (
-        _ArrayDataset(xtr, ytr, classes, train_transform(cfg)),
-        _ArrayDataset(xva, yva, classes, val_transform(cfg)),
-        classes,
-    )
-
-
-# synthetic --------------------------------------------------------------------------------------
-def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
-    i = int(h * 6.0) % 6
-    f = h * 6.0 - math.floor(h * 6.0)
-    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
-    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i], dtype=np.float32)
-
-
-@functools.lru_cache(maxsize=4)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size
-    return c[None, :].repeat(size, 0), c[:, None].repeat(size, 1)  # x, y in (0, 1)
-
-
-class SyntheticDataset(ImageDataset):
-    """Per class a stripe orientation and frequency, a colour and a disc position; per image
-    random phase, small jitter of all of them, brightness and pixel noise. Image i of a split
-    depends only on (split, i, size): generated on demand, the same everywhere."""
-
-    def __init__(self, num_classes: int, per_class: int, size: int, split: int, transform: Callable):
-        super().__init__(
-            [f"class_{c:03d}" for c in range(num_classes)],
-            np.repeat(np.arange(num_classes, dtype=np.int64), per_class),
-            transform,
-        )
-        self.num_classes = num_classes
-        self.per_class = per_class
-        self.size = size
-        self.split = split
-
-    def _style(self, c: int) -> tuple[float, float, np.ndarray, tuple[float, float]]:
-        golden = 0.6180339887498949
-        theta = math.pi * ((c * golden) % 1.0)
-        freq = 2.0 + 5.0 * ((c * 0.7548776662466927 + 0.3) % 1.0)  # cycles per image
-        colour = _hsv_to_rgb(c / self.num_classes, 0.55 + 0.4 * ((c * 0.5698) % 1.0), 0.9)
-        pos = (0.25 + 0.5 * ((c * 0.3247 + 0.1) % 1.0), 0.25 + 0.5 * ((c * 0.4656 + 0.7) % 1.0))
-        return theta, freq, colour, pos
-
-    def load(self, index: int) -> Image.Image:
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        c = index // self.per_class
-        theta, freq, colour, (px, py) = self._style(c)
-        rng = np.random.default_rng([_SYNTH_SEED, self.split, index])
-        xx, yy = _grid(self.size)
-        th = theta + rng.normal(0.0, 0.08)
-        f = freq * rng.uniform(0.9, 1.1)
-        phase = rng.uniform(0.0, 2 * math.pi)
-        stripes = np.sin((2 * math.pi * f) * (xx * math.cos(th) + yy * math.sin(th)) + phase)
-        img = colour * (0.6 + 0.3 * stripes)[..., None]
-        cx, cy = px + rng.normal(0.0, 0.04), py + rng.normal(0.0, 0.04)
-        r = 0.16 + rng.uniform(-0.03, 0.03)
-        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
-        img[disc] = 1.0 - colour * 0.8
-        img = img * (255.0 * rng.uniform(0.85, 1.15)) + rng.normal(0.0, 12.0, img.shape).astype(np.float32)
-        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), mode="RGB")
-
-
-def _synthetic(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, list[str]]:
-    s = cfg.data.synthetic
-    size = cfg.data.image_size
-    train = SyntheticDataset(s.num_classes, s.train_per_class, size, 0, train_transform(cfg))
-    val = SyntheticDataset(s.num_classes, s.val_per_class, size, 1, val_transform(cfg))
-    return train, val, train.classes
-
-
-# Building ----------------------------------------------------------------------------------------
-def stratified_subset_indices(targets: np.ndarray, fraction: float) -> np.ndarray:
-    """Sorted indices of `fraction` of each class (at least 1 per class), chosen by a fixed
-    seed: the same on every rank and run, independent of the run's seed."""
-    targets = np.asarray(targets)
-    chosen: list[np.ndarray] = []
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
-        k = max(1, round(fraction * len(idx)))
-        rng = np.random.default_rng([_SUBSET_SEED, int(c)])
-        chosen.append(rng.choice(idx, size=k, replace=False))
-    return np.sort(np.concatenate(chosen))
-
-
-_BUILDERS: dict[str, Callable[[TrainConfig], tuple[ImageDataset, ImageDataset, list[str]]]] = {
-    "imagefolder": _imagefolder,
-    "cifar10": _cifar,
-    "cifar100": _cifar,
-    "digits": _digits,
-    "synthetic": _synthetic,
-}
-
-
-def build_datasets(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, list[str]]:
-    """Train set (with `data.subset` applied), val set, class names.
-
-    Each dataset also carries `classes`, `targets` (numpy int64) and `skipped` (corrupt
-    files skipped up front).
-    """
-    train, val, classes = _BUILDERS[cfg.data.kind](cfg)
-    if cfg.data.subset < 1.0:
-        full = len(train)
-        train = _SubsetDataset(train, stratified_subset_indices(train.targets, cfg.data.subset))
-        logger.info("data.subset %.3g: %d of %d training images", cfg.data.subset, len(train), full)
-    logger.info(
-        "data %s: %d train, %d val images, %d classes%s",
-        cfg.data.kind,
-        len(train),
-        len(val),
-        len(classes),
-        f", {train.skipped + val.skipped} corrupt skipped" if train.skipped + val.skipped else "",
-    )
-    return train, val, classes
+def denormalize(images: Tensor, data_cfg: ModelDataConfig) -> Tensor:
+    """Inverse of `normalize` for display: float32 images in [0, 1] on the CPU."""
+    mean = torch.tensor(data_cfg.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(data_cfg.std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() * std + mean).clamp(0, 1).cpu()
 
 
 @dataclass
@@ -570,6 +86,8 @@ class Loaders:
     """Validation images over all ranks; the val shards together hold each exactly once."""
     skipped: int
     """Corrupt files skipped up front (train and val)."""
+    data_config: ModelDataConfig
+    """The model's data config: what `normalize` needs."""
 
 
 def _val_indices(num_val: int, rank: int, world_size: int) -> list[int]:
@@ -583,7 +101,7 @@ def build_loaders(cfg: TrainConfig, rank: int, world_size: int, seed: int) -> Lo
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     train, val, classes = build_datasets(cfg)
     micro = cfg.batch.micro_batch
-    workers = cfg.data.loader_workers
+    workers = cfg.loader_workers
     pin = bool(cfg.distributed.use_gpu and torch.cuda.is_available())
     common: dict[str, Any] = {
         "num_workers": workers,
@@ -616,4 +134,5 @@ def build_loaders(cfg: TrainConfig, rank: int, world_size: int, seed: int) -> Lo
         num_train=len(train),
         num_val=len(val),
         skipped=train.skipped + val.skipped,
+        data_config=data_config(cfg.model.name),
     )

@@ -24,8 +24,8 @@ from torch import nn
 
 from models import create_model
 from trainable.config import TrainConfig
-from trainable.data import MEAN, STD, Loaders, build_loaders, normalize
-from trainable.mix import Mixer, soft_target_cross_entropy
+from trainable.data import Loaders, build_loaders, denormalize, normalize
+from trainable.mix import Mixer
 from trainable.optim import build_optimizer, build_scheduler
 from trainable.step import optimizer_update
 from trainable.syncbn import convert_sync_batchnorm
@@ -208,12 +208,6 @@ class TensorBoard:
             self.writer.close()
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, -1, 1, 1)
-    return ((images.float() * std + mean) / 255.0).clamp(0, 1).cpu()
-
-
 # Validation -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def validate(model: nn.Module, loaders: Loaders, device: torch.device, precision: Precision) -> dict[str, float]:
@@ -223,7 +217,7 @@ def validate(model: nn.Module, loaders: Loaders, device: torch.device, precision
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss, count
     k = min(5, loaders.num_classes)
     for images, targets in loaders.val:
-        images = normalize(images.to(device, non_blocking=True), precision.channels_last)
+        images = normalize(images.to(device, non_blocking=True), loaders.data_config, precision.channels_last)
         targets = targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=precision.autocast_dtype, enabled=precision.autocast_dtype is not None):
             logits = model(images)
@@ -352,13 +346,15 @@ def run_training(
                 micro = []
                 for _ in range(accum):
                     images, targets = next(batches)
-                    images = normalize(images.to(device, non_blocking=True), precision.channels_last)
+                    images = normalize(
+                        images.to(device, non_blocking=True), loaders.data_config, precision.channels_last
+                    )
                     targets = targets.to(device, non_blocking=True)
                     micro.append(mixer(images, targets, generator=mixer_gen))
                 if epoch == start_epoch == 0 and update == 0 and rank == 0:
-                    tb.images("train/augmented_mixed_batch", denormalize(micro[0][0][:32]), 0)
+                    tb.images("train/augmented_mixed_batch", denormalize(micro[0][0][:32], loaders.data_config), 0)
                 loss = optimizer_update(
-                    ddp_model, optimizer, micro, soft_target_cross_entropy,
+                    ddp_model, optimizer, micro, mixer.loss,
                     scaler=precision.scaler, autocast_dtype=precision.autocast_dtype, device_type=device.type,
                 )
                 if first_step_at is None:

@@ -1,82 +1,38 @@
-"""Label smoothing, mixup and cutmix on a device batch, with soft targets.
+"""Mixup and cutmix on a device batch, returning probability targets, and the matching loss.
 
-A batch is mixed with its own reversal (`images.flip(0)`), so no second batch is loaded.
-All randomness (whether to mix, which mix, lambda, the cutmix box) is drawn on the host
-from a seeded numpy generator: runs are reproducible and nothing waits on the device.
-Label smoothing is applied exactly once, to each of the two one-hot targets before they
-are mixed (which equals smoothing the mixed one-hot target).
+Mixing is done by torchvision's `transforms.v2.MixUp` / `CutMix`: each sample is paired with
+the previous one in the batch (`roll(1, 0)`), the cutmix box is clipped to the image and lambda
+corrected to its area. Every random draw comes from the `torch.Generator` passed per call, on
+the host: whether and how to mix directly, and lambda and the box through the transforms, which
+draw from torch's global CPU generator, reseeded from ours inside `torch.random.fork_rng` (so the
+global stream is left as it was). Runs are reproducible per rank and across resume, and nothing
+waits on the device. Targets come back unsmoothed; `Mixer.loss` applies label smoothing once,
+through `F.cross_entropy(..., label_smoothing=...)`.
 """
 
 from __future__ import annotations
 
-import math
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from trainable.config import MixConfig
 
-__all__ = ["Mixer", "one_hot_smooth", "soft_target_cross_entropy"]
+__all__ = ["MixMode", "Mixer"]
 
-
-def one_hot_smooth(targets: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """(N,) class indices -> (N, num_classes) float32: (1-s) * onehot + s / num_classes."""
-    off = smoothing / num_classes
-    out = torch.full((targets.shape[0], num_classes), off, dtype=torch.float32, device=targets.device)
-    # scatter_ rather than F.one_hot: no value check, hence no host-device sync on CUDA.
-    return out.scatter_(1, targets.view(-1, 1).long(), 1.0 - smoothing + off)
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, soft_targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of -sum_c soft[c] * log_softmax(logits)[c], in float32."""
-    return torch.sum(-soft_targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
-def _box_from_centre(h: int, w: int, lam: float, cy: int, cx: int) -> tuple[int, int, int, int, float]:
-    """Box of area ratio about (1 - lam) centred at (cy, cx), clipped to the image.
-
-    Returns (y0, y1, x0, x1, lam) with lam corrected to the clipped box:
-    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w).
-    """
-    ratio = math.sqrt(max(0.0, 1.0 - lam))
-    cut_h, cut_w = int(h * ratio), int(w * ratio)
-    y0, x0 = cy - cut_h // 2, cx - cut_w // 2
-    y1, x1 = y0 + cut_h, x0 + cut_w
-    y0, y1 = min(max(y0, 0), h), min(max(y1, 0), h)
-    x0, x1 = min(max(x0, 0), w), min(max(x1, 0), w)
-    lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
-    return y0, y1, x0, x1, lam
-
-
-def _cutmix_box(h: int, w: int, lam: float, generator: np.random.Generator) -> tuple[int, int, int, int, float]:
-    """A cutmix box with a uniformly random centre (see `_box_from_centre`)."""
-    cy = int(generator.integers(0, h))
-    cx = int(generator.integers(0, w))
-    return _box_from_centre(h, w, lam, cy, cx)
-
-
-def _as_numpy_rng(generator: np.random.Generator | torch.Generator | None, default: np.random.Generator) -> np.random.Generator:
-    if generator is None:
-        return default
-    if isinstance(generator, np.random.Generator):
-        return generator
-    if isinstance(generator, torch.Generator):
-        # Consume one draw of the torch generator to seed a numpy one: deterministic.
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        return np.random.default_rng(seed)
-    raise TypeError(f"generator must be a numpy or torch Generator, got {type(generator).__name__}")
+MixMode = Literal["none", "mixup", "cutmix"]
 
 
 class Mixer:
-    """Mixup / cutmix / both on a batch, returning soft (smoothed, mixed) targets.
+    """Mixup / cutmix / either on a batch; `loss` is the soft-target cross-entropy to train with.
 
-    `seed` seeds the host RNG; in DDP give each rank its own (e.g. run seed + rank) so that
-    ranks do not mix identically. After each call `last_lam` is the label weight of the
-    unflipped batch (1.0 when not mixed) and `last_mode` is "none", "mixup" or "cutmix".
+    `mixer(images, targets, generator=g)` = `mixer.apply(images, targets, *mixer.draw(g))`.
+    In DDP give each rank its own generator so that ranks do not mix identically.
     """
 
-    def __init__(self, mix_cfg: MixConfig, num_classes: int, label_smoothing: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, mix_cfg: MixConfig, num_classes: int, label_smoothing: float = 0.0) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
@@ -84,42 +40,56 @@ class Mixer:
         self.cfg = mix_cfg
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
-        self.rng = np.random.default_rng(seed)
-        self.last_lam = 1.0
-        self.last_mode = "none"
+        self._mixup = v2.MixUp(alpha=mix_cfg.mixup_alpha, num_classes=num_classes)
+        self._cutmix = v2.CutMix(alpha=mix_cfg.cutmix_alpha, num_classes=num_classes)
 
-    def _choose(self, rng: np.random.Generator) -> str:
+    def draw(self, generator: torch.Generator) -> tuple[MixMode, int]:
+        """This batch's mode and the seed of its lambda / box draws.
+
+        Takes the same number of draws from `generator` on every call, whatever the mode.
+        """
+        if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+            raise TypeError(f"generator must be a CPU torch.Generator, got {generator!r}")
+        # torchvision has no "mix with probability prob", and v2.RandomChoice's no-op branch
+        # would return class indices rather than probability targets: this choice stays here.
+        u_mix, u_switch = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
         mode = self.cfg.mode
-        if mode == "none" or rng.random() >= self.cfg.prob:
-            return "none"
+        if mode == "none" or u_mix >= self.cfg.prob:
+            return "none", seed
         if mode == "mixup_cutmix":
-            return "cutmix" if rng.random() < self.cfg.switch_prob else "mixup"
-        return mode
+            return ("cutmix" if u_switch < self.cfg.switch_prob else "mixup"), seed
+        return mode, seed
+
+    def apply(
+        self, images: torch.Tensor, targets: torch.Tensor, mode: MixMode, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mix (N, C, H, W) `images` and (N,) class `targets` as `mode` says, lambda and box drawn from `seed`.
+
+        Returns (images, (N, num_classes) float32 probability targets, unsmoothed).
+        """
+        # F.one_hot with num_classes given skips its value check on CUDA: no host-device sync.
+        targets = targets.long()
+        if mode == "none":
+            return images, F.one_hot(targets, self.num_classes).float()
+        transform = {"mixup": self._mixup, "cutmix": self._cutmix}[mode]
+        with torch.random.fork_rng(devices=[]):
+            # Not torch.manual_seed: that would also reseed every CUDA generator.
+            torch.default_generator.manual_seed(seed)
+            mixed, soft = transform(images, targets)
+        # On CUDA, Tensor.roll returns a contiguous (NCHW) tensor, so v2.MixUp's output loses
+        # channels_last; give the batch back in the layout it came in.
+        if images.is_contiguous(memory_format=torch.channels_last) and not mixed.is_contiguous(
+            memory_format=torch.channels_last
+        ):
+            mixed = mixed.contiguous(memory_format=torch.channels_last)
+        return mixed, soft
 
     def __call__(
-        self,
-        images: torch.Tensor,
-        targets: torch.Tensor,
-        generator: np.random.Generator | torch.Generator | None = None,
+        self, images: torch.Tensor, targets: torch.Tensor, *, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = _as_numpy_rng(generator, self.rng)
-        mode = self._choose(rng)
-        smooth = one_hot_smooth(targets, self.num_classes, self.label_smoothing)
-        lam = 1.0
-        if mode == "mixup":
-            lam = float(rng.beta(self.cfg.mixup_alpha, self.cfg.mixup_alpha))
-            images = images.mul(lam).add_(images.flip(0), alpha=1.0 - lam)
-        elif mode == "cutmix":
-            if images.ndim != 4:
-                raise ValueError(f"cutmix needs (N, C, H, W) images, got shape {tuple(images.shape)}")
-            lam = float(rng.beta(self.cfg.cutmix_alpha, self.cfg.cutmix_alpha))
-            h, w = images.shape[-2:]
-            y0, y1, x0, x1, lam = _cutmix_box(h, w, lam, rng)
-            flipped_box = images[:, :, y0:y1, x0:x1].flip(0)
-            images = images.clone()
-            images[:, :, y0:y1, x0:x1] = flipped_box
-        self.last_lam = lam
-        self.last_mode = mode
-        if mode != "none":
-            smooth = smooth.mul(lam).add_(smooth.flip(0), alpha=1.0 - lam)
-        return images, smooth
+        return self.apply(images, targets, *self.draw(generator))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Batch-mean cross-entropy against probability targets, label smoothing applied here, in float32."""
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from models import param_groups
 from trainable.config import ScheduleConfig, TrainConfig
 
 __all__ = ["LARS", "build_optimizer", "build_scheduler", "lr_factor"]
@@ -86,19 +87,6 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def _groups(model: nn.Module, weight_decay: float, no_bias_decay: bool) -> list[dict]:
-    """[ndim > 1 params, ndim <= 1 params]; the second without decay when no_bias_decay."""
-    if no_bias_decay:
-        from models import param_groups
-
-        return param_groups(model, weight_decay)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": weight_decay},
-    ]
-
-
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD or LARS at lr = base_lr * global_batch / 256.
 
@@ -107,7 +95,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     excluded from the trust ratio.
     """
     o = cfg.optimizer
-    groups = _groups(model, o.weight_decay, o.no_bias_decay)
+    groups = param_groups(model, o.weight_decay, o.no_bias_decay)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
     if o.name == "lars":

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import uuid
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow.fs
 
-from trainable.config import ConfigError, write_atomic
+from trainable.config import ConfigError
+from trainable.config_io import write_atomic
 
 CACHE_DIR = "~/.cache/trick-search"
 
@@ -27,14 +29,26 @@ def expand_storage(path: str) -> str:
 
 
 class Storage:
-    """One folder, local or remote. Relative paths use '/'."""
+    """One folder, local or remote. Relative paths use '/'. The filesystem is resolved on
+    first use, so building one never fails."""
 
     def __init__(self, root: str) -> None:
         self.root = expand_storage(root)
+
+    @cached_property
+    def _resolved(self) -> tuple[pyarrow.fs.FileSystem, str]:
         if is_uri(self.root):
-            self.fs, self.base = pyarrow.fs.FileSystem.from_uri(self.root)
-        else:
-            self.fs, self.base = pyarrow.fs.LocalFileSystem(), self.root
+            return pyarrow.fs.FileSystem.from_uri(self.root)
+        return pyarrow.fs.LocalFileSystem(), self.root
+
+    @property
+    def fs(self) -> pyarrow.fs.FileSystem:
+        return self._resolved[0]
+
+    @property
+    def base(self) -> str:
+        """The root as a path of `fs`."""
+        return self._resolved[1]
 
     @property
     def is_local(self) -> bool:
@@ -73,6 +87,22 @@ class Storage:
         Path(local).parent.mkdir(parents=True, exist_ok=True)
         pyarrow.fs.copy_files(self.fs_path(rel), str(local), source_filesystem=self.fs)
 
+    def check_writable(self, flag: str = "--storage-path") -> None:
+        """Create the folder and write (then delete) a probe file in it; raise a one-line
+        ConfigError naming `flag` when that fails, before anything starts."""
+        probe = f".write-check-{uuid.uuid4().hex[:8]}"
+        try:
+            if not is_uri(self.root):
+                os.makedirs(self.root, exist_ok=True)
+            self.fs.create_dir(self.base, recursive=True)
+            with self.fs.open_output_stream(self.fs_path(probe)) as f:
+                f.write(b"ok")
+            self.fs.delete_file(self.fs_path(probe))
+        except Exception as err:  # pyarrow raises OSError subclasses, botocore others
+            text = str(err).strip()
+            reason = text.splitlines()[0] if text else type(err).__name__
+            raise ConfigError(f"{flag} {self.root}: cannot write there ({reason})") from None
+
 
 def local_mirror(uri: str) -> Path:
     """A stable local folder standing in for a remote folder (files that must live on a
@@ -82,7 +112,3 @@ def local_mirror(uri: str) -> Path:
     path = Path(os.path.expanduser(CACHE_DIR)) / "mirrors" / f"{name}-{digest}"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def scratch_dir(prefix: str) -> str:
-    return tempfile.mkdtemp(prefix=prefix)

@@ -12,8 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainable.cluster import check_storage, connect, error_line, expand_storage
-from trainable.config import ConfigError, TrainConfig, load_config
+from trainable.cluster import connect, error_line
+from trainable.config import ConfigError, TrainConfig
+from trainable.config_io import load_config
+from trainable.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--num-workers {args.num_workers}: must be >= 1")
         cfg = prepare_config(args.config, args.set, args.num_workers, args.use_gpu)
         name = args.name or Path(args.config).stem
-        storage = expand_storage(args.storage_path)
-        check_storage(storage)
+        store = Storage(args.storage_path)
+        store.check_writable()
+        storage = store.root
         connect(args.address)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,0 +1,213 @@
+"""The experiment folder `<storage>/<name>/` (a local folder or a URI) and one reader of its
+trials.
+
+The folder holds Tune's state and results, the space the search ran (`space.yaml` and
+`search.json`), the Optuna study, TensorBoard's files and every trial's training run.
+`summarise` reads trials from a Ray Tune `ResultGrid`: the live one `Tuner.fit()` returns,
+or `read_results(path)` for an experiment on disk or object storage, finished or running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spaces import Space, load_space
+from trainable.cluster import error_line
+from trainable.config import ConfigError
+from trainable.storage import Storage, expand_storage, local_mirror
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid
+    from ray.tune.result import Result
+
+__all__ = [
+    "RUNS_DIR",
+    "SEARCH_INFO",
+    "SPACE_COPY",
+    "STUDY_FILE",
+    "Experiment",
+    "TrialRow",
+    "experiment_for",
+    "finished",
+    "format_table",
+    "read_results",
+    "record_space",
+    "recorded_space",
+    "restore_study",
+    "summarise",
+]
+
+SPACE_COPY = "space.yaml"  # the space file as given
+SEARCH_INFO = "search.json"  # where it came from, its hash, the overrides
+STUDY_FILE = "optuna.db"  # the Optuna study (SQLite)
+RUNS_DIR = "runs"  # one TorchTrainer run per trial
+
+
+# The folder ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Experiment:
+    """Where a search keeps everything: `<storage>/<name>/`."""
+
+    storage: str
+    name: str
+
+    @classmethod
+    def at(cls, path: str) -> Experiment:
+        """The experiment whose folder is `path`."""
+        storage, _, name = expand_storage(path).rpartition("/")
+        return cls(storage, name)
+
+    @property
+    def path(self) -> str:
+        return f"{self.storage}/{self.name}"
+
+    @cached_property
+    def store(self) -> Storage:
+        return Storage(self.path)
+
+    @property
+    def local(self) -> str:
+        """Where files that must sit on a local disk live (the SQLite study, TensorBoard's
+        HParams files while they are written): the experiment itself when it is local, else
+        a mirror that is uploaded as the search runs."""
+        return self.path if self.store.is_local else str(local_mirror(self.path))
+
+    @property
+    def study_db(self) -> str:
+        return f"{self.local}/{STUDY_FILE}"
+
+    @property
+    def runs(self) -> str:
+        return f"{self.path}/{RUNS_DIR}"
+
+    def exists(self) -> bool:
+        """Whether a search of this tool was started here."""
+        return self.store.exists(SEARCH_INFO)
+
+
+def experiment_for(space: Space) -> Experiment:
+    return Experiment(expand_storage(space.experiment.storage_path), space.experiment.name)
+
+
+def record_space(exp: Experiment, space: Space, overrides: list[str]) -> None:
+    """Keep the space as given (and the overrides) inside the experiment, so `--resume` and
+    the export read exactly what the search ran."""
+    store = exp.store
+    store.write_text(SPACE_COPY, Path(space.source).read_text())
+    info = {"space_file": str(space.source), "sha256": space.sha256, "overrides": overrides}
+    store.write_text(SEARCH_INFO, json.dumps(info, indent=2) + "\n")
+
+
+def recorded_space(exp: Experiment, extra: list[str] | None = None) -> tuple[Space, dict[str, Any]]:
+    """The space an experiment ran, with its overrides (and `extra` ones), and its
+    `search.json`."""
+    store = exp.store
+    if not store.exists(SEARCH_INFO):
+        raise ConfigError(f"{exp.path}: not an experiment of this tool (no {SEARCH_INFO})")
+    info = json.loads(store.read_text(SEARCH_INFO))
+    if store.is_local:
+        space_file = Path(store.fs_path(SPACE_COPY))
+    else:
+        space_file = local_mirror(exp.path) / SPACE_COPY
+        space_file.write_text(store.read_text(SPACE_COPY))
+    space = load_space(space_file, list(info["overrides"]) + list(extra or []))
+    return space, info
+
+
+def restore_study(exp: Experiment) -> None:
+    """On a remote storage the study's SQLite file lives on this machine and a copy in the
+    experiment; a machine without the local file (a new head) takes the copy."""
+    if not exp.store.is_local and not os.path.exists(exp.study_db) and exp.store.exists(STUDY_FILE):
+        exp.store.download(STUDY_FILE, exp.study_db)
+
+
+# Its trials --------------------------------------------------------------------------------------------
+def read_results(path: str) -> ResultGrid:
+    """Tune's results of the experiment at `path` (a folder or a URI), finished or still
+    running, as the `ResultGrid` that `Tuner.fit()` returns."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    try:
+        return ResultGrid(ExperimentAnalysis(path))
+    except ValueError as err:  # Tune has not written its state yet
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{path}: no trial results yet ({reason})") from None
+
+
+@dataclass
+class TrialRow:
+    """One trial: its sampled values, the best and the final value of the metric, the
+    epochs it ran and its status: "done" (all epochs), "stopped early" (by the scheduler),
+    "error", or "unfinished" (running, waiting, or cut off with its driver)."""
+
+    trial_id: str
+    values: dict[str, Any]
+    best: float | None
+    epochs: int
+    status: str
+    final: float | None = None
+    error: str | None = None
+
+
+def summarise(results: ResultGrid | Iterable[Result], space: Space) -> list[TrialRow]:
+    """One row per trial, the best first (by the best value of the metric over epochs;
+    trials without a value last)."""
+    exp = space.experiment
+    rows = [_row(r, space.searched_paths, exp.metric, exp.mode, space.train.run.epochs) for r in results]
+    sign = -1.0 if exp.mode == "max" else 1.0
+    rows.sort(key=lambda t: (t.best is None, sign * (t.best or 0.0)))
+    return rows
+
+
+def _row(r: Result, paths: list[str], metric: str, mode: str, max_t: int) -> TrialRow:
+    m = r.metrics or {}
+    config = r.config or {}
+    best = final = None
+    df = r.metrics_dataframe
+    if df is not None and metric in df:
+        col = df[metric].dropna()
+        if len(col):
+            best = float(col.max() if mode == "max" else col.min())
+            final = float(col.iloc[-1])
+    epochs = int(m.get("epoch", 0) or 0)
+    if r.error:
+        status = "error"
+    elif epochs >= max_t:
+        status = "done"
+    else:  # Tune marks a trial's last result `done` when it ended or the scheduler stopped it
+        status = "stopped early" if m.get("done") else "unfinished"
+    values = {p: config[p] for p in paths if p in config}
+    error = error_line(r.error) if r.error else None
+    return TrialRow(str(m.get("trial_id", "?")), values, best, epochs, status, final, error)
+
+
+def finished(rows: list[TrialRow]) -> list[TrialRow]:
+    """The trials that ran all their epochs, in the order of `rows`."""
+    return [r for r in rows if r.status == "done" and r.best is not None]
+
+
+def format_table(rows: list[TrialRow], space: Space) -> str:
+    """The rows as a plain-text table: trial, searched values, best metric, epochs, status."""
+    paths = list(space.searched_paths)
+    head = ["trial", *paths, f"best {space.experiment.metric}", "epochs", "status"]
+    body = [[t.trial_id, *(_fmt(t.values.get(p)) for p in paths), _fmt(t.best), str(t.epochs), t.status] for t in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

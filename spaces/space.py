@@ -1,0 +1,173 @@
+"""The search space model: experiment settings, the base `TrainConfig`, and the
+distributions over its key paths. Data only: no Ray, no Optuna, no torch."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from spaces.distributions import Distribution
+from trainable.config import LEAF_PATHS, ConfigError, TrainConfig
+from trainable.config_io import nearest_path, set_path, validate_config
+
+__all__ = [
+    "METRICS",
+    "ExperimentSettings",
+    "SamplerSettings",
+    "SchedulerSettings",
+    "Space",
+    "SpaceError",
+    "dependency_order",
+]
+
+METRICS: dict[str, Literal["max", "min"]] = {
+    "val_acc": "max",
+    "val_acc5": "max",
+    "val_loss": "min",
+    "train_loss": "min",
+}
+"""The metrics a training run reports, with the direction in which they improve."""
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class SpaceError(ConfigError):
+    """A user error in a space file: the message is one line, ready to print."""
+
+
+# Experiment settings --------------------------------------------------------------------------
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SchedulerSettings(_Settings):
+    kind: Literal["asha", "fifo"] = "asha"
+    """`asha`: stop poor trials early (max_t = train.run.epochs); `fifo`: run every trial to the end."""
+    grace_period: int = Field(1, ge=1)
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: float = Field(3, gt=1)
+    """ASHA: 1 in reduction_factor trials goes on at each rung."""
+
+
+class SamplerSettings(_Settings):
+    kind: Literal["tpe", "random"] = "tpe"
+    seed: int | None = 0
+    """null: a different sequence every run."""
+    n_startup_trials: int = Field(10, ge=0)
+    """TPE: trials sampled at random before the model of good and bad trials is used."""
+
+
+class ExperimentSettings(_Settings):
+    name: str
+    """The experiment folder's name: <storage_path>/<name>."""
+    metric: str = "val_acc"
+    """What ASHA and the sampler optimise; one of METRICS."""
+    mode: Literal["max", "min"] | None = None
+    """Whether the metric is better high or low; default: the metric's own direction."""
+    num_samples: int = Field(12, ge=1)
+    """Trials in the study."""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """null: as many as the cluster fits."""
+    max_failures: int = Field(0, ge=-1)
+    """Retries of a failed trial from its last checkpoint (-1: forever)."""
+    scheduler: SchedulerSettings = SchedulerSettings()
+    sampler: SamplerSettings = SamplerSettings()
+    storage_path: str = Field("~/trick-search", min_length=1)
+    """A local folder or a URI (s3://, gs://) that every node of the cluster can reach."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not _NAME_RE.fullmatch(name) or name in (".", ".."):
+            raise ValueError(
+                f"{name!r} is not a safe folder name (letters, digits, '.', '_', '-' only)"
+            )
+        return name
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric not in METRICS:
+            near = difflib.get_close_matches(metric, list(METRICS), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(
+                f"{metric!r} is not a metric the run reports{hint} (valid: {', '.join(METRICS)})"
+            )
+        return metric
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _known_mode(cls, mode: Any) -> Any:
+        if mode is not None and mode not in ("max", "min"):
+            raise ValueError(f"must be max or min (got {mode!r})")
+        return mode
+
+    @model_validator(mode="after")
+    def _mode_matches_metric(self) -> ExperimentSettings:
+        natural = METRICS[self.metric]
+        if self.mode is None:
+            self.mode = natural
+        elif self.mode != natural:
+            raise ValueError(
+                f"experiment.mode {self.mode!r} would pick the worst trials: "
+                f"{self.metric} is better when {'higher' if natural == 'max' else 'lower'} "
+                f"(use mode: {natural}, or leave mode out)"
+            )
+        return self
+
+
+# The space -------------------------------------------------------------------------------------
+class Space(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experiment: ExperimentSettings
+    train: TrainConfig
+    """The base config: every trial starts from it."""
+    search: dict[str, Distribution]
+    """Searched key paths, in file order."""
+    source: str
+    """The space file's path."""
+    sha256: str
+    """Of the file's text as read, before the --set overrides."""
+    overrides: list[str] = []
+    """The --set overrides applied after reading the file."""
+
+    @property
+    def searched_paths(self) -> list[str]:
+        """The searched key paths, every `when` key before the keys that depend on it
+        (otherwise in file order)."""
+        return dependency_order(self.search)
+
+    def config_for(self, values: Mapping[str, Any]) -> TrainConfig:
+        """The base config with sampled values (dotted key paths) set, validated."""
+        data = self.train.model_dump()
+        for path, value in values.items():
+            if path not in LEAF_PATHS:
+                near = nearest_path(path)
+                hint = f"; did you mean {near!r}?" if near else ""
+                raise ConfigError(f"{self.source}: sampled value for unknown key path {path!r}{hint}")
+            set_path(data, path, value)
+        return validate_config(data, f"{self.source} (sampled {dict(values)})")
+
+
+def dependency_order(search: Mapping[str, Distribution]) -> list[str]:
+    """Stable topological order: repeatedly take the first key (in file order) whose
+    conditions are all placed. Keys in a cycle (rejected by load_space) go last."""
+    remaining = list(search)
+    placed: list[str] = []
+    done: set[str] = set()
+    while remaining:
+        for path in remaining:
+            if all(k in done or k not in search for k in search[path].when):
+                break
+        else:
+            placed.extend(remaining)
+            break
+        remaining.remove(path)
+        placed.append(path)
+        done.add(path)
+    return placed
