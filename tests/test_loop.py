@@ -14,7 +14,8 @@ import yaml
 
 from tests.conftest import PYTHON, ROOT, cli_env
 from trainable.config_io import validate_config
-from trainable.loop import METRICS, TENSORBOARD_DIR, TrainingDiverged, run_training
+from trainable.loop import METRICS, TrainingDiverged, run_training
+from trainable.tensorboard import TENSORBOARD_DIR
 
 FAST = {
     # resnet18_vd with the ImageNet stem: small enough for a 2-core CI machine

@@ -21,6 +21,10 @@ class ConfigError(ValueError):
     """A user error in a config: the message is one line, ready to print."""
 
 
+class DataError(ConfigError):
+    """A user error in the data: one line naming the path and what is wrong."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -24,7 +24,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from models import ModelDataConfig, data_config
 from trainable.config import TrainConfig
-from trainable.datasets import DataError, build_datasets
+from trainable.config import DataError
+from trainable.datasets import build_datasets
 
 __all__ = ["Loaders", "build_loaders", "denormalize", "normalize"]
 

@@ -19,20 +19,19 @@ import logging
 import math
 import os
 import pickle
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from trainable.config import TrainConfig
+from trainable.config import DataError, TrainConfig
+from trainable.imagefolder import index_image_folder
 from trainable.transforms import train_transform, val_transform
 
 __all__ = [
@@ -49,10 +48,6 @@ logger = logging.getLogger(__name__)
 _SUBSET_SEED = 1_729  # fixed: a subset is the same on every rank and run, whatever run.seed
 _SYNTH_SEED = 2_019  # fixed: the synthetic set is the same everywhere
 _MAX_SUBSTITUTES = 16  # load-time decode failures tolerated in a row before giving up
-
-
-class DataError(ValueError):
-    """A user error in the data: one line naming the path and what is wrong."""
 
 
 # Datasets ----------------------------------------------------------------------------------------
@@ -109,88 +104,6 @@ class _ArrayDataset(ImageDataset):
 
 
 # imagefolder ------------------------------------------------------------------------------------
-_IMAGE_EXTENSIONS = {ext.lower() for ext in Image.registered_extensions()} | {".jpg", ".jpeg", ".png"}
-
-
-def _probe(path: str) -> str | None:
-    """None when PIL reads the header (only the header is read), else the reason."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except UnidentifiedImageError:
-        return "not an image PIL can read"
-    except OSError as err:
-        return err.strerror or str(err) or type(err).__name__
-    except Exception as err:  # noqa: BLE001 - PIL plugins raise assorted errors on bad headers
-        return f"{type(err).__name__}: {err}"
-    if w < 1 or h < 1:
-        return "image has zero size"
-    return None
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
-
-
-def _class_files(class_dir: Path) -> list[str]:
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not _is_hidden(f))
-    return out
-
-
-def _scan_split(
-    split_dir: Path, classes: list[str], skip_corrupt: bool
-) -> tuple[list[str], list[int], int]:
-    """Paths and labels of the readable images of one split, and how many were skipped.
-
-    Files with an image extension whose header PIL cannot read are corrupt (an error, or
-    skipped and counted with `skip_corrupt`); files with another extension are kept when PIL
-    reads them and otherwise ignored (a README, a Thumbs.db).
-    """
-    start = time.perf_counter()
-    per_class = [_class_files(split_dir / c) for c in classes]
-    flat = [p for files in per_class for p in files]
-    # Header reads are mostly waiting on file I/O (which releases the GIL): threads overlap them.
-    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) * 4)) as pool:
-        reasons = list(pool.map(_probe, flat, chunksize=64))
-    logger.info("%s: checked %d file headers in %.1f s", split_dir, len(flat), time.perf_counter() - start)
-    paths: list[str] = []
-    labels: list[int] = []
-    skipped = ignored = 0
-    pos = 0
-    for label, (cls, files) in enumerate(zip(classes, per_class)):
-        n_before = len(paths)
-        class_skipped = 0
-        for path in files:
-            reason = reasons[pos]
-            pos += 1
-            if reason is None:
-                paths.append(path)
-                labels.append(label)
-            elif Path(path).suffix.lower() not in _IMAGE_EXTENSIONS:
-                ignored += 1
-            elif skip_corrupt:
-                logger.warning("skipping corrupt image %s (%s)", path, reason)
-                skipped += 1
-                class_skipped += 1
-            else:
-                raise DataError(
-                    f"{path}: corrupt or unreadable image ({reason}); remove it or set data.skip_corrupt: true"
-                )
-        if len(paths) == n_before:
-            extra = f" ({class_skipped} corrupt skipped)" if class_skipped else ""
-            raise DataError(f"{split_dir / cls}: no images in class folder{extra}")
-    if ignored:
-        logger.info("%s: ignored %d files that are not images", split_dir, ignored)
-    return paths, labels, skipped
-
-
 class ImageFolderDataset(ImageDataset):
     """Images in `<split_dir>/<class>/**`, decoded with PIL and converted to RGB."""
 
@@ -236,32 +149,11 @@ class ImageFolderDataset(ImageDataset):
 
 def _imagefolder(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, list[str]]:
     assert cfg.data.root is not None  # the config guarantees it
-    root = Path(cfg.data.root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder (data.root for data.kind 'imagefolder')")
-    train_dir, val_dir = root / "train", root / "val"
-    for d in (train_dir, val_dir):
-        if not d.is_dir():
-            raise DataError(f"{d}: missing; data.root must hold train/<class>/ and val/<class>/ folders")
-    classes = _class_dirs(train_dir)
-    if not classes:
-        raise DataError(f"{train_dir}: no class folders")
-    val_classes = _class_dirs(val_dir)
-    if val_classes != classes:
-        only_train = sorted(set(classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(classes))
-        parts = []
-        if only_train:
-            parts.append(f"only in train: {', '.join(only_train)}")
-        if only_val:
-            parts.append(f"only in val: {', '.join(only_val)}")
-        raise DataError(f"{val_dir}: class folders differ from {train_dir} ({'; '.join(parts)})")
-    skip = cfg.data.skip_corrupt
-    tr_paths, tr_labels, tr_skipped = _scan_split(train_dir, classes, skip)
-    va_paths, va_labels, va_skipped = _scan_split(val_dir, classes, skip)
-    train = ImageFolderDataset(tr_paths, tr_labels, classes, train_transform(cfg), skip, tr_skipped)
-    val = ImageFolderDataset(va_paths, va_labels, classes, val_transform(cfg), skip, va_skipped)
-    return train, val, classes
+    index = index_image_folder(cfg.data.root, cfg.data.skip_corrupt)
+    tr, va, skip = index.train, index.val, cfg.data.skip_corrupt
+    train = ImageFolderDataset(tr.paths, tr.labels, index.classes, train_transform(cfg), skip, tr.skipped)
+    val = ImageFolderDataset(va.paths, va.labels, index.classes, val_transform(cfg), skip, va.skipped)
+    return train, val, index.classes
 
 
 # cifar10 / cifar100 -------------------------------------------------------------------------------

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -25,15 +23,16 @@ from torch import nn
 from models import create_model
 from trainable.config import TrainConfig
 from trainable.data import Loaders, build_loaders, denormalize, normalize
+from trainable.distributed import all_gather, all_reduce_sum, rng_state, seed_everything, set_rng_state
 from trainable.mix import Mixer
 from trainable.optim import build_optimizer, build_scheduler
 from trainable.step import optimizer_update
 from trainable.syncbn import convert_sync_batchnorm
+from trainable.tensorboard import TensorBoard
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "state.pt"
-TENSORBOARD_DIR = "tensorboard"
 METRICS = (
     "val_acc", "val_acc5", "val_loss", "best_val_acc", "train_loss", "lr", "epoch",
     "images_per_s", "accum_steps", "global_batch", "train_seconds", "first_step_at",
@@ -106,106 +105,6 @@ def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Modu
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-# RNG state ------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state(mixer_gen: torch.Generator) -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "mixer": mixer_gen.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], mixer_gen: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    mixer_gen.set_state(state["mixer"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def all_gather(obj: Any, world_size: int) -> list[Any]:
-    if world_size == 1 or not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
-
-
-# TensorBoard ----------------------------------------------------------------------------------------
-class TensorBoard:
-    """Rank 0's event writer. On a remote storage (s3://, gs://) the events are written
-    locally and copied to the run's folder after every epoch."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.writer = None
-        self._remote: tuple[Any, str] | None = None
-        logdir = self._logdir() if enabled else None
-        if logdir is None:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=logdir)
-
-    def _logdir(self) -> str | None:
-        import pyarrow.fs
-
-        try:
-            import ray.train
-
-            storage = ray.train.get_context().get_storage()
-            fs, exp_path = storage.storage_filesystem, storage.experiment_fs_path
-        except Exception:  # outside Ray Train (tests, benchmarks): no event files
-            return None
-        target = f"{exp_path}/{TENSORBOARD_DIR}"
-        if isinstance(fs, pyarrow.fs.LocalFileSystem):
-            return target
-        self._remote = (fs, target)
-        return tempfile.mkdtemp(prefix="tensorboard-")
-
-    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(f"{prefix}{k}", v, step)
-
-    def images(self, tag: str, images: torch.Tensor, step: int) -> None:
-        if self.writer is not None:
-            from torchvision.utils import make_grid
-
-            self.writer.add_image(tag, make_grid(images, nrow=8), step)
-
-    def flush(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.flush()
-        if self._remote is not None:
-            import pyarrow.fs
-
-            fs, target = self._remote
-            pyarrow.fs.copy_files(self.writer.log_dir, target, destination_filesystem=fs)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.flush()
-            self.writer.close()
 
 
 # Validation -------------------------------------------------------------------------------------------
