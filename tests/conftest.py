@@ -28,7 +28,8 @@ def ray_address() -> str:
         # The dashboard stays on: Ray Train's placement-group cleaner asks the State API it
         # serves whether a stopped trial's controller is gone; without it, every trial ASHA
         # stops would keep its workers' CPUs reserved.
-        ray.init(num_cpus=8, configure_logging=False, log_to_driver=False)
+        # address="local": always a new instance of this session, never one already running here
+        ray.init(address="local", num_cpus=8, configure_logging=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -129,6 +129,20 @@ def test_imagenet_reference_study() -> None:
     assert expand_storage(space.experiment.storage_path).startswith("s3://")
 
 
+def test_readme_example_space_is_an_imagenet_style_search(tmp_path: Path) -> None:
+    """The space a user writes from the README's example loads as is and trains sanely:
+    the library defaults fill what it leaves out, not the CPU quickstart's settings."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### Search spaces", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    space = load_space(write_space(tmp_path, yaml.safe_load(block)))
+    t = space.train
+    assert t.model.name == "resnet50_vd" and t.model.small_input is False
+    assert t.augment.hflip == 0.5 and t.augment.crop_scale == (0.08, 1.0)
+    assert t.data.loader_workers == "auto" and t.distributed.use_gpu is True
+    for gb in space.search["batch.global_batch"].values:
+        assert space.config_for({"batch.global_batch": gb}).accum_steps == gb // 256
+
+
 def test_resolve_space_path(tmp_path: Path) -> None:
     p = write_space(tmp_path, BASE, "mine.yaml")
     assert resolve_space_path(p) == p
