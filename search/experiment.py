@@ -10,14 +10,18 @@ or `read_results(path)` for an experiment on disk or object storage, finished or
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spaces import Space, load_space
+from spaces import METRICS, Space, load_space
 from trainable.cluster import error_line
 from trainable.config import ConfigError
 from trainable.storage import Storage, expand_storage, local_mirror
@@ -26,13 +30,21 @@ if TYPE_CHECKING:
     from ray.tune import ResultGrid
     from ray.tune.result import Result
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "DIVERGED",
+    "EXPERIMENT_ID",
+    "FAILED",
     "RUNS_DIR",
+    "RUN_ERROR",
+    "RUN_STATUS",
     "SEARCH_INFO",
     "SPACE_COPY",
     "STUDY_FILE",
     "Experiment",
     "TrialRow",
+    "claim_mirror",
     "experiment_for",
     "finished",
     "format_table",
@@ -41,11 +53,13 @@ __all__ = [
     "recorded_space",
     "restore_study",
     "summarise",
+    "worst_value",
 ]
 
 SPACE_COPY = "space.yaml"  # the space file as given
 SEARCH_INFO = "search.json"  # where it came from, its hash, the overrides
 STUDY_FILE = "optuna.db"  # the Optuna study (SQLite)
+EXPERIMENT_ID = "experiment_id"  # in search.json, and a file naming the experiment a local mirror belongs to
 RUNS_DIR = "runs"  # one TorchTrainer run per trial
 
 
@@ -99,8 +113,11 @@ def record_space(exp: Experiment, space: Space, overrides: list[str]) -> None:
     """Keep the space as given (and the overrides) inside the experiment, so `--resume` and
     the export read exactly what the search ran."""
     store = exp.store
+    experiment_id = uuid.uuid4().hex
+    claim_mirror(exp, experiment_id)
     store.write_text(SPACE_COPY, Path(space.source).read_text())
-    info = {"space_file": str(space.source), "sha256": space.sha256, "overrides": overrides}
+    info = {"space_file": str(space.source), "sha256": space.sha256, "overrides": overrides,
+            EXPERIMENT_ID: experiment_id}
     store.write_text(SEARCH_INFO, json.dumps(info, indent=2) + "\n")
 
 
@@ -122,9 +139,38 @@ def recorded_space(exp: Experiment, extra: list[str] | None = None) -> tuple[Spa
 
 def restore_study(exp: Experiment) -> None:
     """On a remote storage the study's SQLite file lives on this machine and a copy in the
-    experiment; a machine without the local file (a new head) takes the copy."""
-    if not exp.store.is_local and not os.path.exists(exp.study_db) and exp.store.exists(STUDY_FILE):
+    experiment; a machine without the local file (a new head), or whose local file belongs
+    to another experiment of the same name, takes the copy."""
+    if exp.store.is_local:
+        return
+    experiment_id = json.loads(exp.store.read_text(SEARCH_INFO)).get(EXPERIMENT_ID)
+    if experiment_id:  # experiments started before identities were recorded keep their mirror
+        claim_mirror(exp, experiment_id)
+    if not os.path.exists(exp.study_db) and exp.store.exists(STUDY_FILE):
         exp.store.download(STUDY_FILE, exp.study_db)
+
+
+def claim_mirror(exp: Experiment, experiment_id: str) -> None:
+    """Make a remote experiment's local mirror belong to `experiment_id`. A mirror left by
+    another experiment of the same name (one deleted and started again) is moved aside,
+    never reused or deleted, so its study cannot leak into this one."""
+    if exp.store.is_local:
+        return
+    mirror = local_mirror(exp.path)
+    tag = mirror / EXPERIMENT_ID
+    owner = tag.read_text().strip() if tag.is_file() else None
+    if owner == experiment_id:
+        return
+    kept = [p.name for p in mirror.iterdir() if p.name not in (SPACE_COPY, EXPERIMENT_ID)]
+    if owner is not None or kept:
+        aside = mirror.with_name(f"{mirror.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+        mirror.rename(aside)
+        logger.warning(
+            "%s: the local mirror %s belonged to another experiment of that name; moved it to %s",
+            exp.path, mirror, aside,
+        )
+        mirror.mkdir(parents=True)
+    tag.write_text(experiment_id + "\n")
 
 
 # Its trials --------------------------------------------------------------------------------------------
@@ -140,11 +186,26 @@ def read_results(path: str) -> ResultGrid:
         raise ConfigError(f"{path}: no trial results yet ({reason})") from None
 
 
+# A trial that ended without a usable score reports one last result with these keys: the
+# run's `run_status` ("diverged": by the training loop, `trainable.loop.diverged_metrics`;
+# "failed": by `search.run.run_trial` for an error no retry can change), `error` (one line)
+# and the metric at its worst. Neither is retried, nor rerun by --resume.
+RUN_STATUS, RUN_ERROR = "run_status", "error"
+DIVERGED, FAILED = "diverged", "failed"
+
+
+def worst_value(metric: str) -> float:
+    """The worst value a metric can take: 0 for an accuracy, infinity for a loss."""
+    return 0.0 if METRICS[metric] == "max" else math.inf
+
+
 @dataclass
 class TrialRow:
     """One trial: its sampled values, the best and the final value of the metric, the
     epochs it ran and its status: "done" (all epochs), "stopped early" (by the scheduler),
-    "error", or "unfinished" (running, waiting, or cut off with its driver)."""
+    "diverged" (non-finite loss), "failed" (an error no retry changes, e.g. the data),
+    "error" (still failing after its retries), or "unfinished" (running, waiting, or cut off
+    with its driver). `error`: the one-line reason of the last three."""
 
     trial_id: str
     values: dict[str, Any]
@@ -159,31 +220,43 @@ def summarise(results: ResultGrid | Iterable[Result], space: Space) -> list[Tria
     """One row per trial, the best first (by the best value of the metric over epochs;
     trials without a value last)."""
     exp = space.experiment
-    rows = [_row(r, space.searched_paths, exp.metric, exp.mode, space.train.run.epochs) for r in results]
+    # Tune's trial states: a ResultGrid keeps them beside its Results (the pinned Ray's layout)
+    analysis = getattr(results, "_experiment_analysis", None)
+    ended = {t.trial_id for t in analysis.trials if t.status in ("TERMINATED", "ERROR")} if analysis else set()
+    rows = [_row(r, space.searched_paths, exp.metric, exp.mode, space.train.run.epochs, ended) for r in results]
     sign = -1.0 if exp.mode == "max" else 1.0
     rows.sort(key=lambda t: (t.best is None, sign * (t.best or 0.0)))
     return rows
 
 
-def _row(r: Result, paths: list[str], metric: str, mode: str, max_t: int) -> TrialRow:
+def _row(r: Result, paths: list[str], metric: str, mode: str, max_t: int, ended_ids: set[str]) -> TrialRow:
     m = r.metrics or {}
     config = r.config or {}
     best = final = None
     df = r.metrics_dataframe
+    ended = None if r.error else m.get(RUN_STATUS)
+    if ended in (DIVERGED, FAILED) and df is not None:
+        # the last result only says how the trial ended; the epochs before it count
+        df = df[df[RUN_STATUS].isna()] if RUN_STATUS in df else df.iloc[:-1]
     if df is not None and metric in df:
         col = df[metric].dropna()
         if len(col):
             best = float(col.max() if mode == "max" else col.min())
             final = float(col.iloc[-1])
     epochs = int(m.get("epoch", 0) or 0)
-    if r.error:
+    if ended in (DIVERGED, FAILED):
+        status = str(ended)
+        epochs = int(df["epoch"].max()) if df is not None and "epoch" in df and df["epoch"].notna().any() else 0
+    elif r.error:
         status = "error"
     elif epochs >= max_t:
         status = "done"
     else:  # Tune marks a trial's last result `done` when it ended or the scheduler stopped it
-        status = "stopped early" if m.get("done") else "unfinished"
+        status = "stopped early" if m.get("done") or m.get("trial_id") in ended_ids else "unfinished"
     values = {p: config[p] for p in paths if p in config}
     error = error_line(r.error) if r.error else None
+    if ended in (DIVERGED, FAILED):
+        error = str(m.get(RUN_ERROR) or ended)
     return TrialRow(str(m.get("trial_id", "?")), values, best, epochs, status, final, error)
 
 
@@ -193,10 +266,15 @@ def finished(rows: list[TrialRow]) -> list[TrialRow]:
 
 
 def format_table(rows: list[TrialRow], space: Space) -> str:
-    """The rows as a plain-text table: trial, searched values, best metric, epochs, status."""
+    """The rows as a plain-text table: trial, searched values, best metric, epochs, status,
+    and, when a trial diverged or failed, a last column with each one's one-line reason."""
     paths = list(space.searched_paths)
     head = ["trial", *paths, f"best {space.experiment.metric}", "epochs", "status"]
     body = [[t.trial_id, *(_fmt(t.values.get(p)) for p in paths), _fmt(t.best), str(t.epochs), t.status] for t in rows]
+    if any(t.error for t in rows):
+        head.append("reason")
+        for cells, t in zip(body, rows):
+            cells.append(t.error or "")
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
 
     def line(cells: list[str]) -> str:

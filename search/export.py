@@ -100,6 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=1, help="export the K-th best trial (default 1)")
     args = p.parse_args(argv)
     try:
+        # what needs no experiment first: these errors come before Tune's results are read
+        if Path(args.out).exists():
+            raise ConfigError(f"{args.out}: already exists; choose another path (nothing was overwritten)")
+        above = next((d for d in Path(args.out).absolute().parents if d.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ConfigError(f"--out {args.out}: {above} is a file, not a folder")
+        for flag, value in (("--rank", args.rank), ("--num-workers", args.num_workers)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} {value}: must be >= 1")
         exported = export_trial(args.experiment, args.rank, args.num_workers)
         write_atomic(args.out, exported.to_yaml())
     except ConfigError as err:

@@ -12,10 +12,15 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from search.experiment import (
+    DIVERGED,
+    FAILED,
+    RUN_ERROR,
+    RUN_STATUS,
     Experiment,
     TrialRow,
     experiment_for,
@@ -25,10 +30,13 @@ from search.experiment import (
     recorded_space,
     restore_study,
     summarise,
+    worst_value,
 )
+from search.faults import storage_failure
 from spaces import QUICKSTART, Space, load_space, resolve_space_path
 from trainable.cluster import connect
 from trainable.config import ConfigError
+from trainable.feasibility import check_space_feasible
 from trainable.storage import Storage
 
 if TYPE_CHECKING:
@@ -89,19 +97,44 @@ def check_resources(space: Space) -> int:
 
 
 # The trial -----------------------------------------------------------------------------------------------
-def run_trial(config: dict[str, Any], space: Space, runs_path: str) -> None:
+def run_trial(
+    config: dict[str, Any], space: Space, runs_path: str, launch: Callable[[Any, str, str], None] | None = None
+) -> None:
     """One Tune trial: the sampled tricks on top of the space's base config, trained by a
-    TorchTrainer named after the trial, so a restarted trial resumes from its checkpoint."""
+    TorchTrainer named after the trial (`launch_trainer`), so a restarted trial resumes from
+    its checkpoint.
+
+    Only a failure that another attempt could cure (a lost worker or node, an OOM kill) is
+    raised, for Tune to retry. A failure no retry changes (a `ConfigError`, `DataError`
+    included, from the sampled config or raised on a worker) ends the trial at once with one
+    final result: `run_status: "failed"`, `error: <one line>` and the metric at its worst.
+    A run that diverged has already ended with its own final result (`trainable.loop`)."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from search.sampling import sampled_values
+    from trainable.failures import deterministic_cause
+
+    trial_id = tune.get_context().get_trial_id()
+    try:
+        cfg = space.config_for(sampled_values(config))
+        (launch or launch_trainer)(cfg, f"{TRIAL_NAME_PREFIX}{trial_id}", runs_path)
+    except Exception as err:
+        cause = deterministic_cause(err)
+        if cause is None:
+            raise
+        reason = " ".join(str(cause).split()) or type(cause).__name__
+        logger.error("trial %s failed (not retried: the same config fails the same way): %s", trial_id, reason)
+        metric = space.experiment.metric
+        tune.report({metric: worst_value(metric), RUN_STATUS: FAILED, RUN_ERROR: reason})
+
+
+def launch_trainer(cfg: Any, name: str, runs_path: str) -> None:
+    """Train `cfg` as the TorchTrainer run `name`, its reports forwarded to the Tune trial."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     from trainable.train import build_trainer
 
-    cfg = space.config_for(sampled_values(config))
-    trial_id = tune.get_context().get_trial_id()
-    trainer = build_trainer(cfg, f"{TRIAL_NAME_PREFIX}{trial_id}", runs_path, callbacks=[TuneReportCallback()])
-    trainer.fit()
+    build_trainer(cfg, name, runs_path, callbacks=[TuneReportCallback()]).fit()
 
 
 def make_scheduler(space: Space) -> Any:
@@ -124,9 +157,9 @@ def build_tuner(
     space: Space, exp: Experiment, concurrent: int, resume: bool, callbacks: list[Any] | None = None
 ) -> Any:
     from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from search.hparams import HParamsCallback
+    from search.resume import CsvRows, JsonRows
     from search.study import StudyBackup, make_searcher
 
     # The trial driver only waits on its TorchTrainer, whose workers reserve their own
@@ -134,9 +167,9 @@ def build_tuner(
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, space=space, runs_path=exp.runs), {"CPU": 0, "memory": DRIVER_MEMORY}
     )
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard files, no copies
     if resume:
         return tune.Tuner.restore(exp.path, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard files, no copies
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -150,8 +183,8 @@ def build_tuner(
             storage_path=exp.storage,
             failure_config=tune.FailureConfig(max_failures=space.experiment.max_failures),
             callbacks=[
-                CSVLoggerCallback(),
-                JsonLoggerCallback(),
+                CsvRows(),  # Tune's own loggers, whose rows stay in the experiment across drivers
+                JsonRows(),
                 HParamsCallback(space, exp.local, upload=None if exp.store.is_local else exp.store.upload),
                 *([] if exp.store.is_local else [StudyBackup(exp.study_db, exp.store)]),
                 *(callbacks or []),
@@ -174,7 +207,8 @@ def prepare(
     space_path: str | None, overrides: list[str], resume: bool, name: str | None, storage_path: str | None
 ) -> tuple[Space, Experiment, list[str]]:
     """Validate everything before anything starts: the space (or, with `resume`, the one
-    recorded in the experiment) and the storage."""
+    recorded in the experiment), the storage, and what every trial needs (its data, a
+    training set of at least one global batch, a pretrained checkpoint)."""
     sets = list(overrides)
     if name:
         sets.append(f"experiment.name={name}")
@@ -195,6 +229,7 @@ def prepare(
                 f"--resume continues {exp.path} as it was started; {changed[0]!r} was not part of it "
                 "(start a new experiment with --name to change the search)"
             )
+        check_space_feasible(space.train, space.search, space.source)
         restore_study(exp)
         return space, exp, sets
     if exists:
@@ -202,6 +237,7 @@ def prepare(
             f"experiment {exp.path} already exists; add --resume to continue it or --name to start another "
             "(nothing was changed)"
         )
+    check_space_feasible(space.train, space.search, space.source)
     return space, exp, sets
 
 
@@ -213,13 +249,20 @@ def run_search(
     address: str | None = None,
     callbacks: list[Any] | None = None,
 ) -> SearchOutcome:
-    """Run (or with `resume`, continue) the search; `callbacks` are extra Tune callbacks."""
+    """Run (or with `resume`, continue) the search; `callbacks` are extra Tune callbacks.
+    A resumed search first reconciles the study with Tune's last snapshot
+    (`search.study.reconcile`); one killed before Tune saved anything starts Tune afresh."""
     connect(address)
     fits = check_resources(space)
     concurrent = space.experiment.max_concurrent_trials or fits
-    if not resume:
+    restore = False
+    if resume:
+        from search.resume import reconcile
+
+        restore = reconcile(exp, space).tune_state
+    else:
         record_space(exp, space, sets)
-    tuner = build_tuner(space, exp, concurrent, resume, callbacks)
+    tuner = build_tuner(space, exp, concurrent, restore, callbacks)
     results = tuner.fit()
     return SearchOutcome(exp, summarise(results, space), results)
 
@@ -245,12 +288,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # progress to stdout: stderr carries only the one `error:` line of a user error
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     sets = list(args.set)
     if args.num_samples is not None:
         sets.append(f"experiment.num_samples={args.num_samples}")
     if args.max_concurrent_trials is not None:
         sets.append(f"experiment.max_concurrent_trials={args.max_concurrent_trials}")
+    exp = None
     try:
         space, exp, sets = prepare(args.space, sets, args.resume, args.name, args.storage_path)
         print(f"experiment: {exp.path}")
@@ -260,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a storage that stopped taking writes: one line, else a bug
+        line = storage_failure(exp, err) if exp is not None else None
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     print()
     print(format_table(outcome.rows, space))
     done = finished(outcome.rows)
@@ -270,9 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("\nno trial finished all its epochs")
     errors = [r for r in outcome.rows if r.status == "error"]
-    for r in errors:
-        print(f"trial {r.trial_id} failed: {r.error}", file=sys.stderr)
-    return 1 if errors and not done else 0
+    ended_badly = [r for r in outcome.rows if r.status in ("error", FAILED, DIVERGED)]
+    for r in ended_badly:
+        how = {"error": "failed", FAILED: "failed (not retried)", DIVERGED: "ended"}[r.status]
+        print(f"trial {r.trial_id} {how}: {r.error}", file=sys.stderr)
+    line = storage_failure(exp, trial_errors=[r.error or "" for r in errors]) if errors else None
+    if line is not None:
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+    return 1 if ended_badly and not done else 0
 
 
 if __name__ == "__main__":

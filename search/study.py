@@ -1,5 +1,6 @@
-"""The Optuna side of the search: a study in SQLite inside the experiment folder, and a
-searcher that tells Optuna the truth about trials the scheduler stopped early."""
+"""The Optuna side of the search: a study in SQLite inside the experiment folder, a
+searcher that tells Optuna the truth about trials the scheduler stopped early (and ignores
+late news of trials the study has finished), and the study's backup on a remote storage."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sqlite3
 import tempfile
 import time
 import warnings
+from collections.abc import Collection
 from typing import Any
 
 import optuna
@@ -16,7 +18,14 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from search.experiment import STUDY_FILE
+from search.experiment import (
+    DIVERGED,
+    FAILED,
+    RUN_ERROR,
+    RUN_STATUS,
+    STUDY_FILE,
+    worst_value,
+)
 from search.sampling import define_by_run, make_sampler
 from spaces import Space
 from trainable.storage import Storage
@@ -41,6 +50,9 @@ class StudySearch(OptunaSearch):
     - a trial that ends without error before `max_t` epochs was stopped by the scheduler,
       and reaches Optuna as PRUNED (the stock searcher records it as COMPLETE with its
       truncated accuracy, which TPE then takes for a finished result);
+    - a trial that ended with `run_status` "diverged" is COMPLETE with the metric's worst
+      value and infeasible (TPE ranks it below every other trial); one that "failed" (a
+      config or data error) is FAIL;
     - each Optuna trial carries the Tune trial id, so the study can be read beside Tune's.
     """
 
@@ -63,31 +75,66 @@ class StudySearch(OptunaSearch):
         if value is None or step is None:
             return
         ot_trial = self._ot_trials[trial_id]
-        if int(step) not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:
+        frozen = ot_trial.storage.get_trial(ot_trial._trial_id)
+        if self._ended(trial_id, frozen):
+            return
+        if int(step) not in frozen.intermediate_values:
             ot_trial.report(float(value), int(step))
 
+    def _ended(self, trial_id: str, frozen: optuna.trial.FrozenTrial | None = None) -> bool:
+        """Whether the study already holds this trial's end (recorded before a driver was
+        killed and Tune's snapshot could say so): then there is nothing left to tell."""
+        if frozen is None:
+            ot_trial = self._ot_trials[trial_id]
+            frozen = ot_trial.storage.get_trial(ot_trial._trial_id)
+        if not frozen.state.is_finished():
+            return False
+        logger.debug("trial %s is already %s in the study; ignoring Tune's late news", trial_id, frozen.state.name)
+        self._completed_trials.add(trial_id)
+        return True
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's snapshot of this searcher, brought up to date with the study (written at
+        once, so it may be ahead): every Tune trial id the study holds maps to its Optuna
+        trial, and trials the study has finished count as completed."""
+        super().restore(checkpoint_path)
+        for t in self._ot_study.get_trials(deepcopy=False):
+            tid = t.user_attrs.get(TUNE_TRIAL_ID)
+            if tid is None:
+                continue
+            if t.state.is_finished():
+                self._completed_trials.add(tid)
+            elif tid not in self._ot_trials:
+                self._ot_trials[tid] = optuna.Trial(self._ot_study, t._trial_id)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials or self._ended(trial_id):
+            return
+        ended = (result or {}).get(RUN_STATUS)
+        if not error and ended in (DIVERGED, FAILED):  # its last result is no measurement
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr(RUN_STATUS, ended)
+            ot_trial.set_user_attr(RUN_ERROR, str(result.get(RUN_ERROR) or ended))  # type: ignore[union-attr]
+            if ended == FAILED:  # an error of the config or data: it says nothing of the tricks
+                self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+            else:
+                # a result: the worst value, and infeasible, so TPE ranks it below every
+                # complete and pruned trial (a bare worst COMPLETE would rank above the
+                # pruned ones) and Optuna never names it the best
+                ot_trial.set_constraint(DIVERGED, 1.0)
+                self._ot_study.tell(
+                    ot_trial, worst_value(self.metric), state=TrialState.COMPLETE, skip_if_finished=True
+                )
+            self._completed_trials.add(trial_id)
             return
         if result:  # Tune hands a trial's last result to on_trial_complete only
             self.on_trial_result(trial_id, result)
         epochs = (result or {}).get(self._time_attr)
         if not error and epochs is not None and int(epochs) < self._max_t:
-            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED, skip_if_finished=True)
             self._completed_trials.add(trial_id)
             return
         super().on_trial_complete(trial_id, result=result, error=error)
-
-    def abandon_orphans(self) -> int:
-        """After a driver was killed, trials Optuna handed out but Tune never recorded stay
-        RUNNING in the database; mark them FAIL so the study counts each trial once."""
-        known = {t._trial_id for t in self._ot_trials.values()}
-        n = 0
-        for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t._trial_id not in known:
-                self._ot_study.tell(t.number, state=TrialState.FAIL)
-                n += 1
-        return n
 
 
 def make_searcher(space: Space, db_path: str) -> StudySearch:
@@ -115,7 +162,7 @@ class StudyBackup(Callback):
 
     def __init__(self, db_path: str, store: Storage, every_s: float = 60.0) -> None:
         self.db_path, self.store, self.every_s = db_path, store, every_s
-        self._last = 0.0
+        self._last: float | None = None
 
     def backup(self) -> None:
         if not os.path.exists(self.db_path):
@@ -132,7 +179,7 @@ class StudyBackup(Callback):
         self._last = time.monotonic()
 
     def on_trial_result(self, *args: Any, **kwargs: Any) -> None:
-        if time.monotonic() - self._last > self.every_s:
+        if self._last is None or time.monotonic() - self._last > self.every_s:
             self.backup()
 
     def on_trial_complete(self, *args: Any, **kwargs: Any) -> None:
@@ -143,3 +190,21 @@ class StudyBackup(Callback):
 
     def on_experiment_end(self, *args: Any, **kwargs: Any) -> None:
         self.backup()
+
+
+# Resume ------------------------------------------------------------------------------------------------
+ABANDONED = "abandoned"  # user attr of a study trial Tune never recorded (marked FAIL on --resume)
+
+
+def abandon_orphans(study: optuna.Study, known: Collection[str]) -> list[int]:
+    """Trials Optuna handed out that Tune never recorded (the driver died between the two)
+    stay RUNNING in the study; mark them FAIL (user attr `abandoned`), so the study holds
+    each Tune trial once. `known`: the Tune trial ids Tune recorded. Returns their numbers."""
+    numbers = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get(TUNE_TRIAL_ID) not in known:
+            trial = optuna.Trial(study, t._trial_id)
+            trial.set_user_attr(ABANDONED, True)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            numbers.append(t.number)
+    return numbers

@@ -146,3 +146,70 @@ def test_single_process_accumulation_scaler_and_autocast():
 
     with pytest.raises(ValueError):
         optimizer_update(model, _optimizer(model), [], nn.functional.cross_entropy)
+
+
+# Gradient-norm clipping (optimizer.clip_grad_norm) ----------------------------------------------------
+def _linear_problem() -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """A 3 -> 2 linear map and a batch of 6 regression targets, all fixed."""
+    g = torch.Generator().manual_seed(7)
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(2, 3, generator=g))
+        model.bias.copy_(torch.randn(2, generator=g))
+    return model, torch.randn(6, 3, generator=g), torch.randn(6, 2, generator=g) * 5
+
+
+def _mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).sum(dim=1).mean()
+
+
+def _clipped_sgd_by_hand(model: nn.Linear, x: torch.Tensor, t: torch.Tensor, lr: float, max_norm: float):
+    """The SGD step on the mean loss over the batch, its gradient written out and its global
+    norm clipped: g <- g * max_norm / (|g| + 1e-6) when |g| > max_norm (torch's formula)."""
+    w, b = model.weight.detach().double(), model.bias.detach().double()
+    x, t = x.double(), t.double()
+    r = x @ w.T + b - t  # residuals (N, 2)
+    gw, gb = 2 * r.T @ x / len(x), 2 * r.mean(dim=0)
+    norm = torch.sqrt((gw**2).sum() + (gb**2).sum())
+    coef = min(1.0, max_norm / (float(norm) + 1e-6))
+    return w - lr * coef * gw, b - lr * coef * gb, float(norm)
+
+
+def _micro(x: torch.Tensor, t: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[:3], t[:3]), (x[3:], t[3:])]  # 2 accumulated micro-batches
+
+
+def test_clipped_update_equals_hand_computed_clipped_sgd_step():
+    model, x, t = _linear_problem()
+    lr = 0.1
+    _, _, norm = _clipped_sgd_by_hand(model, x, t, lr, 1.0)
+    max_norm = norm / 4  # clipping is active
+    want_w, want_b, _ = _clipped_sgd_by_hand(model, x, t, lr, max_norm)
+    unclipped_w, _, _ = _clipped_sgd_by_hand(model, x, t, lr, float("inf"))
+    optimizer_update(model, torch.optim.SGD(model.parameters(), lr=lr), _micro(x, t), _mse, clip_grad_norm=max_norm)
+    torch.testing.assert_close(model.weight.detach().double(), want_w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.bias.detach().double(), want_b, atol=1e-6, rtol=0)
+    assert not torch.allclose(want_w, unclipped_w, atol=1e-3)  # the clip changed the step
+
+
+def test_clipping_with_a_huge_norm_equals_no_clipping():
+    a, x, t = _linear_problem()
+    b, _, _ = _linear_problem()
+    optimizer_update(a, _optimizer(a), _micro(x, t), _mse)
+    optimizer_update(b, _optimizer(b), _micro(x, t), _mse, clip_grad_norm=1e12)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_with_a_grad_scaler_the_unscaled_gradient_is_clipped():
+    model, x, t = _linear_problem()
+    lr = 0.1
+    _, _, norm = _clipped_sgd_by_hand(model, x, t, lr, 1.0)
+    max_norm = norm / 4
+    want_w, want_b, _ = _clipped_sgd_by_hand(model, x, t, lr, max_norm)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # scaled |g| is 1024x the true one
+    optimizer_update(model, torch.optim.SGD(model.parameters(), lr=lr), _micro(x, t), _mse, scaler=scaler,
+                     clip_grad_norm=max_norm)
+    torch.testing.assert_close(model.weight.detach().double(), want_w, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.bias.detach().double(), want_b, atol=1e-6, rtol=0)
+    assert scaler.get_scale() == 2.0**10  # the step was taken (finite gradients), not skipped

@@ -155,12 +155,14 @@ def test_format_table_lists_every_trial_in_aligned_columns(tiny):
     lines = format_table(rows, space).splitlines()
     head = lines[0].split()
     assert head[0] == "trial" and head[1 : 1 + len(space.searched_paths)] == space.searched_paths
-    assert lines[0].endswith("best val_acc  epochs  status")
+    # a trial failed: a last column holds each failed trial's one-line reason
+    assert " ".join(lines[0].split()[-5:]) == "best val_acc epochs status reason"
     assert set(lines[1]) <= {"-", " "} and len(lines) == 2 + len(rows)
-    status_at = lines[0].index("status")
+    status_at, reason_at = lines[0].index("status"), lines[0].index("reason")
     for r, line in zip(rows, lines[2:]):
         assert line.startswith(r.trial_id + " ")
-        assert line[status_at:] == r.status
+        assert line[status_at:reason_at].strip() == r.status
+        assert line[reason_at:] == (r.error or "")
         cells = line[: status_at].split()
         assert cells[-1] == str(r.epochs) and cells[-2] == f"{r.best:.4g}"
         assert f" {r.values['mix.mode']} " in line

@@ -152,3 +152,29 @@ def test_lars_trust_ratio_hand_computed():
     opt.step()
     assert torch.allclose(z.data, torch.tensor([-1.0, -2.0]))
     assert math.isfinite(z.sum().item())
+
+
+# optimizer.clip_grad_norm as a searched trick -----------------------------------------------------------
+def test_clip_grad_norm_is_optional_positive_and_searchable_with_null():
+    import optuna
+
+    from search.sampling import define_by_run, sampled_values
+    from spaces import QUICKSTART, load_space
+
+    assert TrainConfig().optimizer.clip_grad_norm is None
+    assert validate_config({"optimizer": {"clip_grad_norm": 1.0}}).optimizer.clip_grad_norm == 1.0
+    for bad in (0, -1.0):
+        with pytest.raises(ConfigError, match="optimizer.clip_grad_norm"):
+            validate_config({"optimizer": {"clip_grad_norm": bad}})
+
+    space = load_space(QUICKSTART, ["search.optimizer.clip_grad_norm={choice: [null, 1.0]}"])
+    assert space.search["optimizer.clip_grad_norm"].values == [None, 1.0]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(define_by_run(space), n_trials=12)
+    drawn = {t.params["optimizer.clip_grad_norm"] for t in study.trials}
+    assert drawn == {None, 1.0}  # both reach Optuna and come back as drawn
+    for t in study.trials:
+        cfg = space.config_for(sampled_values(t.params))
+        assert cfg.optimizer.clip_grad_norm == t.params["optimizer.clip_grad_norm"]
+    with pytest.raises(ConfigError, match="optimizer.clip_grad_norm"):
+        load_space(QUICKSTART, ["search.optimizer.clip_grad_norm={choice: [null, 0.0]}"])

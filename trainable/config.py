@@ -141,6 +141,9 @@ class OptimizerConfig(_Section):
     base_lr: float = Field(0.1, gt=0.0, le=100.0)
     """Learning rate per 256 images; the run's LR is base_lr * global_batch / 256."""
     lars_trust: float = Field(0.001, gt=0.0, le=1.0)
+    clip_grad_norm: float | None = Field(None, gt=0.0)
+    """Clip the global L2 norm of the accumulated (unscaled) gradient to this value before
+    each update; null: no clipping."""
 
     @model_validator(mode="after")
     def _nesterov_needs_momentum(self) -> OptimizerConfig:

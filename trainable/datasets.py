@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from trainable.config import DataError, TrainConfig
+from trainable.feasibility import subset_class_count
 from trainable.imagefolder import index_image_folder
 from trainable.transforms import train_transform, val_transform
 
@@ -312,7 +313,7 @@ def stratified_subset_indices(targets: np.ndarray, fraction: float) -> np.ndarra
     chosen: list[np.ndarray] = []
     for c in np.unique(targets):
         idx = np.flatnonzero(targets == c)
-        k = max(1, round(fraction * len(idx)))
+        k = subset_class_count(len(idx), fraction)
         rng = np.random.default_rng([_SUBSET_SEED, int(c)])
         chosen.append(rng.choice(idx, size=k, replace=False))
     return np.sort(np.concatenate(chosen))

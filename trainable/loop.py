@@ -12,7 +12,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,18 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import create_model
-from trainable.config import TrainConfig
+from trainable.config import ConfigError, DataError, TrainConfig
 from trainable.data import Loaders, build_loaders, denormalize, normalize
 from trainable.distributed import all_gather, all_reduce_sum, rng_state, seed_everything, set_rng_state
 from trainable.mix import Mixer
 from trainable.optim import build_optimizer, build_scheduler
+from trainable.resume import CHECKPOINT_FILE, check_same_run, config_hash, load_resume_state
 from trainable.step import optimizer_update
 from trainable.syncbn import convert_sync_batchnorm
 from trainable.tensorboard import TensorBoard
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "state.pt"
 METRICS = (
     "val_acc", "val_acc5", "val_loss", "best_val_acc", "train_loss", "lr", "epoch",
     "images_per_s", "accum_steps", "global_batch", "train_seconds", "first_step_at",
@@ -42,7 +41,28 @@ METRICS = (
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite (raised on every rank together, at a logging point)."""
+
+    def __init__(self, message: str, epoch: int = 0) -> None:
+        super().__init__(message)
+        self.epoch = epoch
+        """The epoch (from 1) in which the loss stopped being finite."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.epoch))
+
+
+DIVERGED = "diverged"
+RUN_STATUS, RUN_ERROR = "run_status", "error"
+"""A run that diverged ends with one more report: `run_status: "diverged"`, `error` (one line:
+epoch, step, lr), the epoch it diverged in and the metrics at their worst (accuracies 0,
+losses infinite), so whatever ranks runs by a metric puts it last; then it returns normally."""
+WORST = {"val_acc": 0.0, "val_acc5": 0.0, "val_loss": float("inf"), "train_loss": float("inf")}
+
+
+def diverged_metrics(err: TrainingDiverged) -> dict[str, Any]:
+    """The final report of a diverged run (see `RUN_STATUS`)."""
+    return {**WORST, "epoch": err.epoch, RUN_STATUS: DIVERGED, RUN_ERROR: str(err)}
 
 
 # Resolved run settings -----------------------------------------------------------------------
@@ -80,9 +100,16 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     head = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]
     for k in head:
         del state[k]
-    missing, unexpected = model.load_state_dict(state, strict=not head)
-    if unexpected or [k for k in missing if k not in head]:
-        raise ValueError(f"{path}: does not fit the model (missing {missing}, unexpected {unexpected})")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape differs beyond the classifier
+        reason = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err))
+        raise ConfigError(f"model.pretrained {path}: does not fit the model ({reason})") from None
+    missing = [k for k in missing if k not in head]
+    if unexpected or missing:
+        keys = [f"{len(ks)} {what} keys, e.g. {', '.join(ks[:3])}" for what, ks in
+                (("missing", missing), ("unexpected", unexpected)) if ks]
+        raise ConfigError(f"model.pretrained {path}: does not fit the model ({'; '.join(keys)})")
     if head:
         logger.info("%s: classifier re-initialised for %d classes", path, own["fc.weight"].shape[0])
 
@@ -170,7 +197,14 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         # rank 0's metrics reach Tune: `node_id` says where the run's first worker is
         ray.train.report({**metrics, "node_id": node_id}, checkpoint=checkpoint)
 
-    run_training(cfg, rank, world_size, device, report=report, checkpoint=ray.train.get_checkpoint())
+    try:
+        run_training(cfg, rank, world_size, device, report=report, checkpoint=ray.train.get_checkpoint())
+    except TrainingDiverged as err:
+        # a result, not a failure: every rank gets here together, and Ray Train must not
+        # restart a run that would diverge again from the same checkpoint and RNG state
+        if rank == 0:
+            logger.error("%s", err)
+        report(diverged_metrics(err))
 
 
 def run_training(
@@ -201,7 +235,7 @@ def run_training(
     optimizer = build_optimizer(model, cfg)
     updates_per_epoch = len(loaders.train) // accum
     if updates_per_epoch < 1:
-        raise ValueError(
+        raise DataError(
             f"the training set ({loaders.num_train} images) is smaller than one update of "
             f"batch.global_batch {cfg.batch.global_batch}"
         )
@@ -211,8 +245,8 @@ def run_training(
 
     start_epoch, best_val_acc = 0, 0.0
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        state, source = load_resume_state(checkpoint)  # the latest readable one
+        check_same_run(state, cfg, loaders.classes, source.path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -255,6 +289,7 @@ def run_training(
                 loss = optimizer_update(
                     ddp_model, optimizer, micro, mixer.loss,
                     scaler=precision.scaler, autocast_dtype=precision.autocast_dtype, device_type=device.type,
+                    clip_grad_norm=cfg.optimizer.clip_grad_norm,
                 )
                 if first_step_at is None:
                     first_step_at = time.time()
@@ -309,6 +344,7 @@ def run_training(
                     "best_val_acc": best_val_acc,
                     "rng": rngs,
                     "config": cfg.model_dump(mode="json"),
+                    "config_hash": config_hash(cfg),
                     "classes": loaders.classes,
                 }
                 _report_with_checkpoint(report, metrics, state)
@@ -329,7 +365,8 @@ def _check_finite(bad_step: torch.Tensor, updates_per_epoch: int, lrs: dict[int,
         raise TrainingDiverged(
             f"diverged: non-finite loss at epoch {step // updates_per_epoch + 1}, "
             f"step {step} (update {step % updates_per_epoch + 1} of the epoch), lr {lrs.get(step, float('nan')):.4g}; "
-            "lower optimizer.base_lr or lengthen schedule.warmup_epochs"
+            "lower optimizer.base_lr or lengthen schedule.warmup_epochs",
+            epoch=step // updates_per_epoch + 1,
         )
 
 

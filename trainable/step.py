@@ -1,4 +1,5 @@
-"""One optimizer update from k micro-batches (gradient accumulation).
+"""One optimizer update from k micro-batches (gradient accumulation), with optional
+gradient-norm clipping.
 
 The global batch is the trick; accumulation is how a cluster reaches it. Under DDP the
 first k-1 backward passes run inside `no_sync()`, so gradients are all-reduced once per
@@ -27,11 +28,14 @@ def optimizer_update(
     scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
     device_type: str = "cpu",
+    clip_grad_norm: float | None = None,
 ) -> torch.Tensor:
     """Forward/backward every (inputs, targets) micro-batch, then one optimizer step.
 
     Each micro-batch loss is divided by k before backward, so the accumulated gradient is
-    that of the mean loss over the k micro-batches. Gradients are set to None afterwards.
+    that of the mean loss over the k micro-batches. With `clip_grad_norm`, the global L2
+    norm of that gradient (all-reduced, and unscaled first when a GradScaler is in use) is
+    clipped to it before the step. Gradients are set to None afterwards.
     Returns the mean loss over the micro-batches, detached, on the device (no host sync).
     The caller steps the LR scheduler once per call.
     """
@@ -57,6 +61,11 @@ def optimizer_update(
                 scaled.backward()
         detached = loss.detach().float()
         total = detached if total is None else total + detached
+    if clip_grad_norm is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradient; step() will not unscale again
+        # on the device, no host sync; a non-finite norm is left for the scaler / divergence check
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

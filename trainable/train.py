@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,20 @@ from typing import Any
 from trainable.cluster import connect, error_line
 from trainable.config import ConfigError, TrainConfig
 from trainable.config_io import load_config
+from trainable.feasibility import check_config_feasible
+from trainable.resume import check_run, record_run
 from trainable.storage import Storage
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "~/trick-search/train"
+STORAGE_ENV = "TRICK_SEARCH_STORAGE"  # the search's storage (set once per cluster); runs go under train/
+
+
+def default_storage() -> str:
+    """`$TRICK_SEARCH_STORAGE/train` when that is set, else ~/trick-search/train."""
+    root = os.environ.get(STORAGE_ENV, "").strip()
+    return f"{root.rstrip('/')}/train" if root else DEFAULT_STORAGE
 
 
 def build_trainer(
@@ -30,10 +40,12 @@ def build_trainer(
     keep_checkpoints: int | None = 2,
 ) -> Any:
     """The TorchTrainer for one run of `cfg` (used by production training and by every
-    search trial)."""
+    search trial). A config or data error raised by a worker ends the run at once: only
+    infrastructure failures are retried (`distributed.max_failures`)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from trainable.failures import EndOnUserError
     from trainable.loop import train_loop_per_worker
 
     d = cfg.distributed
@@ -49,7 +61,7 @@ def build_trainer(
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             failure_config=FailureConfig(max_failures=d.max_failures),
-            callbacks=callbacks,
+            callbacks=[EndOnUserError(), *(callbacks or [])],
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
@@ -80,23 +92,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, help="workers to train on; accumulation is re-derived "
                    "so batch.global_batch stays the same")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    p.add_argument("--storage-path", default=DEFAULT_STORAGE, help=f"where runs are kept (default {DEFAULT_STORAGE})")
-    p.add_argument("--name", help="run name (default: the config file's name); the same name resumes")
+    p.add_argument("--storage-path", help=f"where runs are kept (default ${STORAGE_ENV}/train, else {DEFAULT_STORAGE})")
+    p.add_argument("--name", help="run name (default: the config file's name); the same name and config resume")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # progress to stdout: stderr carries only the one `error:` line of a user error
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         if args.num_workers is not None and args.num_workers < 1:
             raise ConfigError(f"--num-workers {args.num_workers}: must be >= 1")
         cfg = prepare_config(args.config, args.set, args.num_workers, args.use_gpu)
         name = args.name or Path(args.config).stem
-        store = Storage(args.storage_path)
+        store = Storage(args.storage_path or default_storage())
         store.check_writable()
         storage = store.root
+        resuming = check_run(storage, name, cfg)  # another config under this name: refused
+        check_config_feasible(cfg, args.config)  # data, batch vs training set, checkpoint: before Ray
         connect(args.address)
+        record_run(storage, name, cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -107,12 +123,19 @@ def main(argv: list[str] | None = None) -> int:
         f"x {cfg.accum_steps} accumulation steps, lr {cfg.lr:.4g}"
     )
     print(f"run folder: {storage}/{name}   (tensorboard --logdir {storage}/{name})")
+    if resuming:
+        print("resuming: that folder holds a run of this config")
     try:
         result = build_trainer(cfg, name, storage).fit()
     except Exception as err:  # a failed run: one line, the details are in the log above
         print(f"error: training failed: {error_line(err)}", file=sys.stderr)
         return 1
+    from trainable.loop import DIVERGED, RUN_ERROR, RUN_STATUS
+
     m = result.metrics or {}
+    if m.get(RUN_STATUS) == DIVERGED:  # a result, not retried: the same run would diverge again
+        print(f"error: {m.get(RUN_ERROR) or DIVERGED}", file=sys.stderr)
+        return 1
     ckpt = result.checkpoint.path if result.checkpoint is not None else "none"
     print(
         f"done: best val_acc {m.get('best_val_acc', float('nan')):.4f}, last val_acc "

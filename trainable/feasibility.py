@@ -1,0 +1,338 @@
+"""What can be known about a run before anything is reserved: the training set's size and
+classes (without torch and without downloading), whether every global batch a run can have
+gives at least one full optimizer update per epoch, and whether a pretrained checkpoint is
+there to read.
+
+The search driver (`search.run`) and the production CLI (`trainable.train`) call this before
+Ray starts, so a run that could only fail on its workers fails here, in one line.
+Searched keys are read from any object with `kind`, `values`, `low`, `high` and `when`
+(`spaces.Distribution`): `trainable/` stays below `spaces/`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from trainable.config import ConfigError, DataConfig, DataError, TrainConfig
+from trainable.imagefolder import index_image_folder
+
+__all__ = [
+    "CIFAR_FILES",
+    "DIGITS_TRAIN_PER_CLASS",
+    "TrainingSet",
+    "check_config_feasible",
+    "check_pretrained",
+    "check_space_feasible",
+    "subset_class_count",
+    "subset_size",
+    "training_set",
+    "updates_per_epoch",
+]
+
+DIGITS_TRAIN_PER_CLASS: tuple[int, ...] = (142, 146, 142, 146, 145, 145, 145, 143, 139, 144)
+"""Images per class in the training part of scikit-learn's digits (1437 of 1797), as
+`trainable.datasets` splits them (stratified 80/20, random_state 0); a test keeps the two equal."""
+
+CIFAR_FILES: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str, str]] = {
+    # kind: (folder, train files, test files, meta file, meta key): torchvision's layout
+    "cifar10": (
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "batches.meta",
+        "label_names",
+    ),
+    "cifar100": ("cifar-100-python", ("train",), ("test",), "meta", "fine_label_names"),
+}
+_CIFAR_KNOWN = {"cifar10": (10, 5000), "cifar100": (100, 500)}  # classes, training images per class
+
+# Keys whose values decide the training set, its size, one update's size, or a file to read.
+_SOURCE_KEYS = ("data.kind", "data.root", "data.skip_corrupt", "data.synthetic.num_classes",
+                "data.synthetic.train_per_class")
+_SUBSET = "data.subset"
+_BATCH_KEYS = ("batch.global_batch", "batch.micro_batch", "distributed.num_workers")
+_PRETRAINED = "model.pretrained"
+_MAX_LISTED = 8
+
+
+class DistributionLike(Protocol):
+    kind: str
+    values: list[Any] | None
+    low: float | int | None
+    high: float | int | None
+    when: dict[str, list[Any]]
+
+
+# Arithmetic shared with the training run --------------------------------------------------------
+def subset_class_count(n: int, fraction: float) -> int:
+    """Images of a class of `n` that `data.subset` keeps: a rounded share, at least one
+    (`trainable.datasets.stratified_subset_indices` uses this)."""
+    return max(1, round(fraction * n))
+
+
+def subset_size(class_counts: Iterable[int], fraction: float) -> int:
+    """Training images after `data.subset` (every class present keeps at least one)."""
+    if fraction >= 1.0:
+        return sum(class_counts)
+    return sum(subset_class_count(n, fraction) for n in class_counts if n > 0)
+
+
+def updates_per_epoch(train_size: int, global_batch: int, micro_batch: int, num_workers: int) -> int:
+    """Optimizer updates of one epoch, as the training loop counts them: a drop_last
+    DistributedSampler gives each worker train_size // num_workers images, a drop_last
+    loader makes full micro-batches of those, and every accum_steps micro-batches are one update."""
+    per_worker = train_size // num_workers
+    micro_batches = per_worker // micro_batch
+    accum_steps = global_batch // (micro_batch * num_workers)
+    return micro_batches // accum_steps if accum_steps >= 1 else 0
+
+
+# The training set -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainingSet:
+    """A run's training set before `data.subset`: what it is and how many images per class."""
+
+    description: str
+    class_counts: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(self.class_counts)
+
+    def after_subset(self, fraction: float) -> int:
+        return subset_size(self.class_counts, fraction)
+
+    def smallest_subset(self, images: int) -> float | None:
+        """The smallest `data.subset` (3 decimals, rounded up) that keeps at least `images`."""
+        if self.size < images:
+            return None
+        lo, hi = 1, 1000  # the count only grows with the fraction: bisect in thousandths
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.after_subset(mid / 1000) >= images:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo / 1000
+
+
+def training_set(data: DataConfig) -> TrainingSet:
+    """The training set of `data`, read the way the run reads it but without torch: an
+    image folder is indexed (every DataError the run would raise comes here), CIFAR's labels
+    are counted when its extracted folder is there (else the download's known sizes)."""
+    if data.kind == "digits":
+        return TrainingSet("digits", DIGITS_TRAIN_PER_CLASS)
+    if data.kind == "synthetic":
+        s = data.synthetic
+        return TrainingSet(f"synthetic, {s.num_classes} classes x {s.train_per_class}",
+                           (s.train_per_class,) * s.num_classes)
+    assert data.root is not None  # the config guarantees it
+    if data.kind == "imagefolder":
+        index = index_image_folder(data.root, data.skip_corrupt)
+        counts = Counter(index.train.labels)
+        return TrainingSet(f"{Path(index.root) / 'train'}", tuple(counts[i] for i in range(len(index.classes))))
+    return _cifar(data.kind, data.root)
+
+
+def _cifar(kind: str, root_path: str) -> TrainingSet:
+    root = Path(root_path).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"{root}: not a folder (data.root for data.kind {kind!r})")
+    folder_name, train_files, test_files, meta, _ = CIFAR_FILES[kind]
+    folder = root / folder_name
+    if not all((folder / f).is_file() for f in (*train_files, *test_files, meta)):
+        classes, per_class = _CIFAR_KNOWN[kind]  # the run downloads the official archive
+        return TrainingSet(f"{kind} (downloaded into {root})", (per_class,) * classes)
+    counts: Counter[int] = Counter()
+    try:
+        for name in train_files:
+            with open(folder / name, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            counts.update(int(x) for x in entry["labels" if "labels" in entry else "fine_labels"])
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as err:
+        raise DataError(f"{folder}: cannot load {kind} ({type(err).__name__}: {err})") from None
+    return TrainingSet(f"{kind} in {folder}", tuple(n for _, n in sorted(counts.items())))
+
+
+# Pretrained checkpoints -----------------------------------------------------------------------------------
+def check_pretrained(path: str | None, where: str) -> None:
+    """A one-line ConfigError (prefixed with `where`) unless `path` is None or a readable file."""
+    if path is None:
+        return
+    p = Path(path)
+    hint = "a checkpoint file to start from; leave model.pretrained empty to train from scratch"
+    if p.is_dir():
+        raise ConfigError(f"{where}: {path}: is a folder, not a checkpoint file ({hint})")
+    if not p.is_file():
+        raise ConfigError(f"{where}: {path}: no such file ({hint})")
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as err:
+        raise ConfigError(f"{where}: {path}: cannot read ({err.strerror or err})") from None
+
+
+# Checks -------------------------------------------------------------------------------------------------
+KeyName = Callable[[str, bool], str]
+"""`key(path, searched)`: how a message names a key path (with the file it comes from)."""
+
+
+def check_config_feasible(cfg: TrainConfig, source: str) -> None:
+    """Fail in one line (naming `source`) when `cfg` cannot train: its data, a global batch
+    larger than the training set, or a missing pretrained checkpoint."""
+    _Check(cfg, {}, set(), lambda path, searched: f"{source}: {path}").run()
+
+
+def check_space_feasible(base: TrainConfig, search: Mapping[str, DistributionLike], source: str) -> None:
+    """The same for every trial a space can make: the base config with any combination of
+    the values its searched keys can take.
+
+    A space with a value that cannot train is refused whole, naming the value and the values
+    that fit, rather than searched without it: dropping a choice would change the user's
+    search (and Optuna's distribution) behind their back, and the fix is one edit."""
+    options = {path: _possible(base, dist, path) for path, dist in search.items()}
+    ranges = {path for path, dist in search.items() if dist.kind != "choice"}
+    _Check(base, options, ranges, lambda path, searched: f"{source}: {'search' if searched else 'train'}.{path}").run()
+
+
+def _base_value(cfg: TrainConfig, path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _possible(base: TrainConfig, dist: DistributionLike, path: str) -> list[Any]:
+    """The values to check for a searched key: every choice, or the two bounds of a range
+    (every key checked here acts monotonically, so the bounds decide); with a `when`
+    condition also the base value, which trials where it does not hold keep."""
+    values = list(dist.values or []) if dist.kind == "choice" else [dist.low, dist.high]
+    if dist.kind == "int":
+        values = [int(v) for v in values if v is not None]
+    if dist.when:
+        values.append(_base_value(base, path))
+    return list(dict.fromkeys(values))
+
+
+@dataclass
+class _Failure:
+    picked: dict[str, Any]
+    ts: TrainingSet
+    subset: float
+    global_batch: int
+    micro_batch: int
+    num_workers: int
+    images: int
+
+
+@dataclass
+class _Check:
+    base: TrainConfig
+    options: Mapping[str, list[Any]]
+    ranges: set[str]
+    key: KeyName
+
+    def values(self, path: str) -> list[Any]:
+        return list(self.options.get(path) or [_base_value(self.base, path)])
+
+    def run(self) -> None:
+        for value in self.values(_PRETRAINED):
+            check_pretrained(value, self.key(_PRETRAINED, _PRETRAINED in self.options))
+        sources = self.sources()
+        failures = []
+        for (picked, ts), subset, gb, mb, nw in itertools.product(
+            sources, self.values(_SUBSET), *(self.values(p) for p in _BATCH_KEYS)
+        ):
+            if gb < mb * nw:  # no whole accumulation: refused by the config's own checks
+                continue
+            n = ts.after_subset(subset)
+            if updates_per_epoch(n, gb, mb, nw) < 1:
+                failures.append(_Failure(picked, ts, subset, gb, mb, nw, n))
+        if failures:
+            worst = min(failures, key=lambda f: (f.images, -f.global_batch))
+            raise ConfigError(self.explain(worst, sources))
+
+    def sources(self) -> list[tuple[dict[str, Any], TrainingSet]]:
+        """Every training set a run can have, with the values of the keys that chose it."""
+        out: list[tuple[dict[str, Any], TrainingSet]] = []
+        seen: dict[str, TrainingSet] = {}
+        base_data = self.base.data.model_dump()
+        for combo in itertools.product(*(self.values(p) for p in _SOURCE_KEYS)):
+            data = {**base_data, "synthetic": dict(base_data["synthetic"])}
+            for path, value in zip(_SOURCE_KEYS, combo):
+                parts = path.split(".")[1:]
+                (data["synthetic"] if len(parts) == 2 else data)[parts[-1]] = value
+            try:
+                cfg = DataConfig.model_validate(data)
+            except ValidationError:  # a combination the config's own checks refuse in the trial
+                continue
+            ident = repr(cfg.model_dump(include={"kind", "root", "skip_corrupt", "synthetic"}))
+            if ident not in seen:
+                seen[ident] = training_set(cfg)
+            out.append((dict(zip(_SOURCE_KEYS, combo)), seen[ident]))
+        return out
+
+    def explain(self, f: _Failure, sources: Sequence[tuple[dict[str, Any], TrainingSet]]) -> str:
+        """One line: which value does not fit, the training set's size, and what would fit.
+        Blamed first: a searched global batch when some of its values fit, then a searched
+        data.subset, then a searched data key, then the global batch."""
+        ts, gb, n = f.ts, f.global_batch, f.images
+        subset = f", data.subset {f.subset:g} of {ts.size}" if f.subset < 1 else ""
+        have = f"{n} training images ({ts.description}{subset})"
+        why = "so no epoch has a full optimizer update"
+        gb_path = "batch.global_batch"
+        smallest = ts.smallest_subset(gb)
+        raise_subset = f"raise data.subset to at least {smallest:g}" if f.subset < 1 and smallest is not None else ""
+        fit: list[Any] = []
+        if gb_path in self.options:
+            fewest = min(t.after_subset(s) for (_, t), s in itertools.product(sources, self.values(_SUBSET)))
+            fit = [g for g in self.values(gb_path) if self._fits(fewest, g)]
+            if fit or (_SUBSET not in self.options and not any(p in self.options for p in _SOURCE_KEYS)):
+                if gb_path in self.ranges:
+                    hint = f"lower its upper bound to at most {fewest}"
+                elif fit:
+                    hint = f"values that fit: {_listed(fit)}"
+                else:
+                    hint = "no value fits; lower them" + (f" or {raise_subset}" if raise_subset else "")
+                return f"{self.key(gb_path, True)}: {gb} is more than the {have} a trial has, {why}; {hint}"
+        if _SUBSET in self.options:
+            hint = (f"the smallest data.subset that fits is {smallest:g}" if smallest is not None
+                    else f"even the whole training set ({ts.size}) is too small; lower batch.global_batch")
+            fit = [s for s in self.values(_SUBSET) if ts.after_subset(s) >= gb]
+            if _SUBSET not in self.ranges and fit:
+                hint += f" (values that fit: {_listed(fit)})"
+            return (f"{self.key(_SUBSET, True)}: {f.subset:g} leaves {n} of the {ts.size} training images "
+                    f"({ts.description}), fewer than batch.global_batch {gb}, {why}; {hint}")
+        searched = [p for p in _SOURCE_KEYS if p in self.options]
+        if searched:
+            p = searched[0]
+            return (f"{self.key(p, True)}: {f.picked[p]!r} gives {have}, fewer than batch.global_batch {gb}, "
+                    f"{why}; lower batch.global_batch or use more data")
+        unit = f.micro_batch * f.num_workers
+        most = n // unit * unit
+        if most >= unit:
+            fixes = [(f"lower it to at most {most} (a multiple of batch.micro_batch {f.micro_batch} x "
+                      f"{f.num_workers} workers)")]
+        else:
+            fixes = [(f"lower batch.micro_batch (one micro-batch on each worker, {f.micro_batch} x {f.num_workers} "
+                      f"workers = {unit}, is already more)")]
+        if raise_subset:
+            fixes.append(raise_subset)
+        return f"{self.key(gb_path, False)}: {gb} is more than the {have}, {why}; {' or '.join(fixes)}"
+
+    def _fits(self, images: int, global_batch: int) -> bool:
+        pairs = itertools.product(*(self.values(p) for p in _BATCH_KEYS[1:]))
+        return all(updates_per_epoch(images, global_batch, m, w) >= 1 for m, w in pairs if global_batch >= m * w)
+
+
+def _listed(values: Sequence[Any]) -> str:
+    shown = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values[:_MAX_LISTED])
+    return shown + (", ..." if len(values) > _MAX_LISTED else "")
