@@ -127,7 +127,7 @@ def recorded_space(exp: Experiment, extra: list[str] | None = None) -> tuple[Spa
     store = exp.store
     if not store.exists(SEARCH_INFO):
         raise ConfigError(f"{exp.path}: not an experiment of this tool (no {SEARCH_INFO})")
-    info = json.loads(store.read_text(SEARCH_INFO))
+    info = read_info(exp)
     if store.is_local:
         space_file = Path(store.fs_path(SPACE_COPY))
     else:
@@ -137,13 +137,25 @@ def recorded_space(exp: Experiment, extra: list[str] | None = None) -> tuple[Spa
     return space, info
 
 
+def read_info(exp: Experiment) -> dict[str, Any]:
+    """The experiment's `search.json`, checked: a damaged file is one line, not a traceback."""
+    where = f"{exp.path}/{SEARCH_INFO}"
+    try:
+        info = json.loads(exp.store.read_text(SEARCH_INFO))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{where}: unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("overrides"), list):
+        raise ConfigError(f"{where}: damaged (expected a JSON object with an 'overrides' list)")
+    return info
+
+
 def restore_study(exp: Experiment) -> None:
     """On a remote storage the study's SQLite file lives on this machine and a copy in the
     experiment; a machine without the local file (a new head), or whose local file belongs
     to another experiment of the same name, takes the copy."""
     if exp.store.is_local:
         return
-    experiment_id = json.loads(exp.store.read_text(SEARCH_INFO)).get(EXPERIMENT_ID)
+    experiment_id = read_info(exp).get(EXPERIMENT_ID)
     if experiment_id:  # experiments started before identities were recorded keep their mirror
         claim_mirror(exp, experiment_id)
     if not os.path.exists(exp.study_db) and exp.store.exists(STUDY_FILE):

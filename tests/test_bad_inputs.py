@@ -76,6 +76,10 @@ def make_world(root: Path) -> Path:
     info = {"space_file": str(user / "space.yaml"), "sha256": "0" * 64, "overrides": [], "experiment_id": "e1"}
     (old / "search.json").write_text(json.dumps(info, indent=2) + "\n")
     (old / "optuna.db").write_bytes(b"SQLite format 3\x00 study")
+    for name, text in (("damaged", '{"space_file": "a"}\n'), ("garbled", "garbage{\n")):
+        (root / "storage" / name).mkdir()
+        (root / "storage" / name / "space.yaml").write_text(SPACE.format(name=name))
+        (root / "storage" / name / "search.json").write_text(text)
     (root / "storage" / "train" / "prod").mkdir(parents=True)
     (root / "storage" / "train" / "prod" / "result.json").write_text("{}\n")
     data = root / "data"
@@ -212,6 +216,10 @@ CASES = [
          ["{w}/user/best.yaml: already exists", "nothing was overwritten"]),
     Case("export-out-under-a-file", EXPORT, ["--experiment", "{w}/storage/old", "--out", "{w}/user/notes.txt/b.yaml"],
          ["is a file, not a folder"]),
+    Case("export-damaged-search-json", EXPORT, ["--experiment", "{w}/storage/damaged", "--out", "{w}/user/n.yaml"],
+         ["{w}/storage/damaged/search.json: damaged"]),
+    Case("export-garbled-search-json", EXPORT, ["--experiment", "{w}/storage/garbled", "--out", "{w}/user/n.yaml"],
+         ["{w}/storage/garbled/search.json: unreadable"]),
     Case("export-rank-zero", EXPORT, ["--experiment", "{w}/storage/old", "--out", "{w}/user/n.yaml", "--rank", "0"],
          ["--rank 0: must be >= 1"]),
     Case("export-negative-workers", EXPORT,
