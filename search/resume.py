@@ -263,13 +263,13 @@ class _TuneSnapshot:
     def close(self, trial: Trial, last: dict[str, Any] | None) -> None:
         """Finish the trial in this state, with `last` as its last result."""
         if last is not None:
-            trial.update_last_result({**last, "done": True})
+            trial.update_last_result({"config": trial.config, **last, "done": True})
         trial.set_status("TERMINATED")
 
     def add_row(self, trial: Trial, rows: list[dict[str, Any]], metrics: dict[str, Any], done: bool) -> dict[str, Any]:
         """Log a result that never reached Tune as its next row; return the row."""
         it = int(rows[-1].get("training_iteration", len(rows))) if rows else 0
-        row = {**metrics, "trial_id": trial.trial_id, "training_iteration": it + 1, "done": done}
+        row = {**metrics, "trial_id": trial.trial_id, "training_iteration": it + 1, "done": done, "config": trial.config}
         text = "".join(line + "\n" for line in [*self._lines(trial), json.dumps(row)])
         rel = f"{trial.storage.trial_dir_name}/{EXPR_RESULT_FILE}"
         _write_bytes(self.store.fs, self.store.fs_path(rel), text.encode())

@@ -251,7 +251,7 @@ def run_search(
 ) -> SearchOutcome:
     """Run (or with `resume`, continue) the search; `callbacks` are extra Tune callbacks.
     A resumed search first reconciles the study with Tune's last snapshot
-    (`search.study.reconcile`); one killed before Tune saved anything starts Tune afresh."""
+    (`search.resume.reconcile`); one killed before Tune saved anything starts Tune afresh."""
     connect(address)
     fits = check_resources(space)
     concurrent = space.experiment.max_concurrent_trials or fits

@@ -53,7 +53,10 @@ class StudySearch(OptunaSearch):
     - a trial that ended with `run_status` "diverged" is COMPLETE with the metric's worst
       value and infeasible (TPE ranks it below every other trial); one that "failed" (a
       config or data error) is FAIL;
-    - each Optuna trial carries the Tune trial id, so the study can be read beside Tune's.
+    - each Optuna trial carries the Tune trial id, so the study can be read beside Tune's;
+    - news of a trial the study has already finished is ignored (a resumed driver repeats
+      what Tune's snapshot missed), and a restored searcher takes the study's trials as
+      they are (`restore`).
     """
 
     def __init__(self, *args: Any, time_attr: str = "epoch", max_t: int, **kwargs: Any) -> None:

@@ -243,6 +243,7 @@ def test_search_survives_sigkills_and_resumes_to_one_consistent_story(tmp_path):
         # the trial table and the study agree on the epochs and the metric
         assert sorted(t.intermediate_values) == reported, (row.trial_id, t.intermediate_values, reported)
         assert row.best == pytest.approx(max(t.intermediate_values.values()))
+        assert row.values == t.params, (row.trial_id, row.values, t.params)
         if t.state == TrialState.COMPLETE:
             assert t.value == pytest.approx(row.final)
         # no training started after the study recorded the trial's end (TensorBoard's event

@@ -42,6 +42,10 @@ def _row(tid: str, epoch: int, done: bool = False) -> dict:
             "done": done}
 
 
+def _config(tid: str) -> dict:
+    return {"label_smoothing": 0.001 * len(tid)}
+
+
 class Fake:
     """A study and Tune's state in an experiment folder, as a driver killed between them
     leaves them."""
@@ -71,15 +75,16 @@ class Fake:
         data = []
         for tid, (status, last) in self.tune.items():
             storage = StorageContext(self.exp.storage, self.exp.name, trial_dir_name=f"run_trial_{tid}")
-            t = Trial("run_trial", config={}, trial_id=tid, storage=storage, stub=True)
+            t = Trial("run_trial", config=_config(tid), trial_id=tid, storage=storage, stub=True)
             t.set_status(status)
             if last:
-                t.update_last_result(dict(last))
+                t.update_last_result({**last, "config": _config(tid)})
             t.create_placement_group_factory()
             data.append(list(t.get_json_state()))
             folder = Path(self.exp.path) / f"run_trial_{tid}"
             folder.mkdir()
-            (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in self.rows[tid]))
+            rows = [{**r, "config": _config(tid)} for r in self.rows[tid]]  # Tune logs each row's config
+            (folder / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
         state = {"trial_data": data, "runner_data": {"_session_str": SESSION}, "stats": {"start_time": 0.0}}
         (Path(self.exp.path) / STATE).write_text(json.dumps(state))
         gen = {"counter": counter, "total_samples": 4, "finished": False,
@@ -186,6 +191,7 @@ def test_reconcile_settles_every_trial_once_and_one_way(killed: Fake):
     states = sorted(folder.glob("experiment_state-*.json"))
     assert len(states) == 2 and states[-1].name > STATE
     rows = {r.trial_id: r for r in summarise(read_results(killed.exp.path), killed.space)}
+    assert all(r.values == _config(tid) for tid, r in rows.items()), rows  # closed trials keep their config
     assert (rows["done"].status, rows["done"].epochs) == ("done", EPOCHS)
     assert (rows["cut"].status, rows["cut"].epochs) == ("stopped early", 1)
     assert (rows["lost"].status, rows["lost"].epochs) == ("done", EPOCHS)
