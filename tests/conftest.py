@@ -4,6 +4,7 @@ drivers; a free port; real multi-process (gloo) workers with a bounded wait."""
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import sys
@@ -44,6 +45,25 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+TINY_TRAIN: dict[str, Any] = {
+    # resnet18_vd with the ImageNet stem on 32 px digits: small enough for a 2-core CI machine
+    "model": {"name": "resnet18_vd", "small_input": False},
+    "data": {"kind": "digits", "image_size": 32, "loader_workers": 0},
+    "augment": {"hflip": 0.0, "crop_scale": [0.35, 1.0]},
+    "batch": {"global_batch": 64, "micro_batch": 16},
+    "optimizer": {"base_lr": 0.4, "weight_decay": 5.0e-5},
+    "schedule": {"warmup_epochs": 0.5},
+    "run": {"epochs": 3, "log_every": 10},
+}
+"""A tiny real training run's config (plain data: copy it before changing it)."""
+
+
+def tiny_train(epochs: int = 3) -> dict[str, Any]:
+    """A fresh copy of TINY_TRAIN with `run.epochs` set."""
+    data = copy.deepcopy(TINY_TRAIN)
+    data["run"]["epochs"] = epochs
+    return data
 
 
 def free_port() -> int:

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from search.experiment import (
     EXPERIMENT_ID,
@@ -30,22 +29,13 @@ from search.experiment import (
     summarise,
 )
 from search.faults import storage_failure
-from tests.conftest import PYTHON, ROOT, cli_env
+from tests.conftest import PYTHON, ROOT, cli_env, tiny_train
 from tests.test_scale_out import s3  # noqa: F401  (a local S3 server)
 from trainable.config import ConfigError
 from trainable.config_io import validate_config
 from trainable.resume import checkpoint_candidates, load_resume_state
 from trainable.storage import local_mirror
 
-TINY = {
-    "model": {"name": "resnet18_vd", "small_input": False},
-    "data": {"kind": "digits", "image_size": 32, "loader_workers": 0},
-    "augment": {"hflip": 0.0, "crop_scale": [0.35, 1.0]},
-    "batch": {"global_batch": 64, "micro_batch": 16},
-    "optimizer": {"base_lr": 0.4, "weight_decay": 5.0e-5},
-    "schedule": {"warmup_epochs": 0.5},
-    "run": {"epochs": 4, "log_every": 10},
-}
 
 
 # A damaged latest checkpoint ------------------------------------------------------------------------------
@@ -128,7 +118,7 @@ def test_resuming_with_other_classes_stops_the_worker_with_one_line(tmp_path):
     """The worker's own check (the CLI cannot know the classes before the data is read)."""
     from trainable.loop import run_training
 
-    cfg = validate_config(yaml.safe_load(yaml.safe_dump(TINY)))
+    cfg = validate_config(tiny_train(epochs=4))
     folder = tmp_path / "checkpoint_2026-01-01_00-00-01.000000"
     folder.mkdir()
     classes = [str(i) for i in range(9)]  # the digits have 10
@@ -163,7 +153,7 @@ def _registered_epoch(run: Path) -> int:
 
 @pytest.mark.slow
 def test_killed_worker_is_replaced_and_the_run_resumes_from_its_last_checkpoint(ray_address, tmp_path):
-    data = yaml.safe_load(yaml.safe_dump(TINY))
+    data = tiny_train(epochs=4)
     data["distributed"] = {"num_workers": 2, "max_failures": 1}
     config = tmp_path / "killed.yaml"
     config.write_text(validate_config(data).to_yaml())

@@ -10,27 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from tests.conftest import PYTHON, ROOT, cli_env
+from tests.conftest import PYTHON, ROOT, cli_env, tiny_train
 from trainable.config_io import validate_config
 from trainable.loop import METRICS, TrainingDiverged, run_training
 from trainable.tensorboard import TENSORBOARD_DIR
 
-FAST = {
-    # resnet18_vd with the ImageNet stem: small enough for a 2-core CI machine
-    "model": {"name": "resnet18_vd", "small_input": False},
-    "data": {"kind": "digits", "image_size": 32, "loader_workers": 0},
-    "augment": {"hflip": 0.0, "crop_scale": [0.35, 1.0]},
-    "batch": {"global_batch": 64, "micro_batch": 16},
-    "optimizer": {"base_lr": 0.4, "weight_decay": 5.0e-5},
-    "schedule": {"warmup_epochs": 0.5},
-    "run": {"epochs": 3, "log_every": 10},
-}
 
 
 def _cfg(**sections):
-    data = yaml.safe_load(yaml.safe_dump(FAST))
+    data = tiny_train()
     for k, v in sections.items():
         data.setdefault(k, {})
         if isinstance(v, dict):

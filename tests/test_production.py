@@ -10,9 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import PYTHON, ROOT, cli_env
+from tests.conftest import PYTHON, ROOT, cli_env, tiny_train
 from trainable.config import LEAF_PATHS, ConfigError, TrainConfig
 from trainable.config_io import validate_config
 from trainable.resume import (
@@ -26,20 +25,11 @@ from trainable.resume import (
 )
 from trainable.train import DEFAULT_STORAGE, STORAGE_ENV, default_storage, parse_args
 
-TINY = {
-    "model": {"name": "resnet18_vd", "small_input": False},
-    "data": {"kind": "digits", "image_size": 32, "loader_workers": 0},
-    "augment": {"hflip": 0.0, "crop_scale": [0.35, 1.0]},
-    "batch": {"global_batch": 64, "micro_batch": 16},
-    "optimizer": {"base_lr": 0.4, "weight_decay": 5.0e-5},
-    "schedule": {"warmup_epochs": 0.5},
-    "run": {"epochs": 3, "log_every": 10},
-}
 
 
 def _cfg(**changes: object) -> TrainConfig:
-    """TINY with `changes` given as {"section.key": value}."""
-    data = yaml.safe_load(yaml.safe_dump(TINY))
+    """tiny_train() with `changes` given as {"section.key": value}."""
+    data = tiny_train()
     for path, value in changes.items():
         section, _, key = path.rpartition(".")
         node = data
