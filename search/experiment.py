@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -213,11 +213,14 @@ def worst_value(metric: str) -> float:
 
 @dataclass
 class TrialRow:
-    """One trial: its sampled values, the best and the final value of the metric, the
-    epochs it ran and its status: "done" (all epochs), "stopped early" (by the scheduler),
-    "diverged" (non-finite loss), "failed" (an error no retry changes, e.g. the data),
-    "error" (still failing after its retries), or "unfinished" (running, waiting, or cut off
-    with its driver). `error`: the one-line reason of the last three."""
+    """One trial: its sampled values, its score (`final`: the metric at the last epoch it
+    ran, what ASHA compared and Optuna was told), the best value over its epochs (extra
+    information only), the epochs it ran and its status: "done" (all epochs), "stopped
+    early" (by the scheduler), "diverged" (non-finite loss), "failed" (an error no retry
+    changes, e.g. the data), "error" (still failing after its retries), or "unfinished"
+    (running, waiting, or cut off with its driver). `error`: the one-line reason of the last
+    three. `audited`: ASHA would have stopped it at epoch `audited_at`, and the rung audit
+    ran it to the end. `curve`: (epoch, metric) of every epoch it reported."""
 
     trial_id: str
     values: dict[str, Any]
@@ -226,18 +229,26 @@ class TrialRow:
     status: str
     final: float | None = None
     error: str | None = None
+    audited: bool = False
+    audited_at: int | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)
 
 
-def summarise(results: ResultGrid | Iterable[Result], space: Space) -> list[TrialRow]:
-    """One row per trial, the best first (by the best value of the metric over epochs;
-    trials without a value last)."""
+def summarise(
+    results: ResultGrid | Iterable[Result], space: Space, audited: dict[str, int] | None = None
+) -> list[TrialRow]:
+    """One row per trial, the best first (by the score, the metric at the last epoch;
+    trials without one last). `audited`: trial id -> rung epoch of the audited trials."""
     exp = space.experiment
     # Tune's trial states: a ResultGrid keeps them beside its Results (the pinned Ray's layout)
     analysis = getattr(results, "_experiment_analysis", None)
     ended = {t.trial_id for t in analysis.trials if t.status in ("TERMINATED", "ERROR")} if analysis else set()
     rows = [_row(r, space.searched_paths, exp.metric, exp.mode, space.train.run.epochs, ended) for r in results]
+    for row in rows:
+        if audited and row.trial_id in audited:
+            row.audited, row.audited_at = True, audited[row.trial_id]
     sign = -1.0 if exp.mode == "max" else 1.0
-    rows.sort(key=lambda t: (t.best is None, sign * (t.best or 0.0)))
+    rows.sort(key=lambda t: (t.final is None, sign * (t.final or 0.0)))
     return rows
 
 
@@ -250,11 +261,14 @@ def _row(r: Result, paths: list[str], metric: str, mode: str, max_t: int, ended_
     if ended in (DIVERGED, FAILED) and df is not None:
         # the last result only says how the trial ended; the epochs before it count
         df = df[df[RUN_STATUS].isna()] if RUN_STATUS in df else df.iloc[:-1]
+    curve: list[tuple[int, float]] = []
     if df is not None and metric in df:
         col = df[metric].dropna()
         if len(col):
             best = float(col.max() if mode == "max" else col.min())
             final = float(col.iloc[-1])
+        if "epoch" in df:
+            curve = [(int(e), float(v)) for e, v in zip(df["epoch"], df[metric]) if v == v and e == e]
     epochs = int(m.get("epoch", 0) or 0)
     if ended in (DIVERGED, FAILED):
         status = str(ended)
@@ -269,20 +283,24 @@ def _row(r: Result, paths: list[str], metric: str, mode: str, max_t: int, ended_
     error = error_line(r.error) if r.error else None
     if ended in (DIVERGED, FAILED):
         error = str(m.get(RUN_ERROR) or ended)
-    return TrialRow(str(m.get("trial_id", "?")), values, best, epochs, status, final, error)
+    return TrialRow(str(m.get("trial_id", "?")), values, best, epochs, status, final, error, curve=curve)
 
 
 def finished(rows: list[TrialRow]) -> list[TrialRow]:
     """The trials that ran all their epochs, in the order of `rows`."""
-    return [r for r in rows if r.status == "done" and r.best is not None]
+    return [r for r in rows if r.status == "done" and r.final is not None]
 
 
 def format_table(rows: list[TrialRow], space: Space) -> str:
-    """The rows as a plain-text table: trial, searched values, best metric, epochs, status,
-    and, when a trial diverged or failed, a last column with each one's one-line reason."""
+    """The rows as a plain-text table: trial, searched values, score (the metric at the last
+    epoch), best over epochs, epochs, status, and, when a trial diverged or failed, a last
+    column with each one's one-line reason."""
     paths = list(space.searched_paths)
-    head = ["trial", *paths, f"best {space.experiment.metric}", "epochs", "status"]
-    body = [[t.trial_id, *(_fmt(t.values.get(p)) for p in paths), _fmt(t.best), str(t.epochs), t.status] for t in rows]
+    m = space.experiment.metric
+    head = ["trial", *paths, m, f"best {m}", "epochs", "status"]
+    body = [[t.trial_id, *(_fmt(t.values.get(p)) for p in paths), _fmt(t.final), _fmt(t.best), str(t.epochs),
+             t.status + (f" (audited: ASHA stopped it at epoch {t.audited_at})" if t.audited else "")]
+            for t in rows]
     if any(t.error for t in rows):
         head.append("reason")
         for cells, t in zip(body, rows):

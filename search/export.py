@@ -1,10 +1,11 @@
-"""`python -m search.export --experiment DIR`: the best trial's complete TrainConfig, with
-provenance, for `python -m trainable.train --config best.yaml`."""
+"""`python -m search.export --experiment DIR`: the answer's complete TrainConfig, with its
+evidence, made ready for production, for `python -m trainable.train --config best.yaml`."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -52,8 +53,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None) -> Exported:
-    """The `rank`-th best trial (1 = best) among those that ran all their epochs."""
+def _open(experiment: str) -> Experiment:
     exp = Experiment.at(experiment)
     try:
         if not exp.store.exists():
@@ -62,27 +62,60 @@ def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None)
             raise ConfigError(f"--experiment {experiment}: not an experiment of this tool (no {SEARCH_INFO})")
     except OSError as err:  # an unreachable bucket, missing credentials
         raise ConfigError(f"--experiment {experiment}: cannot read it ({str(err).splitlines()[0]})") from None
+    return exp
+
+
+def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None) -> Exported:
+    """The confirmed winner (rank 1), or the `rank`-th config of the confirmation table by
+    mean; without a confirmation, the `rank`-th search trial by score (marked unconfirmed).
+    The search budget is replaced by the space's `production` section (`Space.production_config`)."""
+    from search.answer import build_answer
+
+    exp = _open(experiment)
     if rank < 1:
         raise ConfigError(f"--rank {rank}: must be >= 1")
     space, info = recorded_space(exp)
-    rows = finished(summarise(read_results(exp.path), space))
-    if not rows:
-        raise ConfigError(f"--experiment {experiment}: no trial has finished all its epochs yet")
-    if rank > len(rows):
-        raise ConfigError(f"--rank {rank}: only {len(rows)} finished trials")
-    row = rows[rank - 1]
-    cfg = space.config_for(row.values)
+    answer = build_answer(exp, space)
+    confirmed = [c for c in answer["confirm"] if c.get("status") == "done" and c.get("mean") is not None]
+    sign = 1.0 if space.experiment.mode == "max" else -1.0
+    if confirmed and answer["winner"] and answer["winner"].get("role") in ("candidate", "baseline"):
+        winner = answer["winner"]
+        others = sorted((c for c in confirmed if c["label"] != winner["label"]), key=lambda c: -sign * c["mean"])
+        table = [winner, *others]
+        if rank > len(table):
+            raise ConfigError(f"--rank {rank}: only {len(table)} confirmed configs")
+        chosen = table[rank - 1]
+        values = chosen["config"]
+        evidence = {
+            "label": chosen["label"], "verdict": answer["verdict"] if rank == 1 else "ranked by mean",
+            "answer": answer["message"], "mean": chosen["mean"], "std": chosen["std"], "ci95": chosen["ci95"],
+            "seeds": chosen["seeds"], "values": chosen["values"], "search_trial": chosen.get("search_trial"),
+            "changed": chosen["changed"],
+        }
+    else:
+        rows = finished(summarise(read_results(exp.path), space))
+        if not rows:
+            raise ConfigError(f"--experiment {experiment}: no trial has finished all its epochs yet")
+        if rank > len(rows):
+            raise ConfigError(f"--rank {rank}: only {len(rows)} finished trials")
+        row = rows[rank - 1]
+        values = row.values
+        evidence = {"label": f"search trial {row.trial_id}", "verdict": "unconfirmed", "answer": answer["message"],
+                    "mean": row.final, "std": None, "ci95": None, "seeds": [space.train.run.seed],
+                    "values": [row.final], "search_trial": row.trial_id}
+    cfg, changes = space.production_config(space.config_for(values))
     if num_workers is not None:
         if num_workers < 1:
             raise ConfigError(f"--num-workers {num_workers}: must be >= 1")
         cfg = cfg.with_num_workers(num_workers)
     provenance = {
         "experiment": exp.path,
-        "trial_id": row.trial_id,
         "rank": rank,
-        f"best_{space.experiment.metric}": row.best,
-        "epochs_run": row.epochs,
-        "searched": row.values,
+        "metric": space.experiment.metric,
+        **evidence,
+        "searched": values,
+        "budget": {"search_epochs": space.train.run.epochs, "search_subset": space.train.data.subset},
+        "production_changes": changes,
         "space_file": info["space_file"],
         "space_sha256": info["sha256"],
         "overrides": info["overrides"],
@@ -92,12 +125,52 @@ def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None)
     return Exported(cfg, provenance)
 
 
+def verify(experiment: str, exported: Exported, seeds: int, address: str | None = None) -> tuple[bool, str]:
+    """Train the exported config at the confirmation budget on `seeds` fresh seeds and say
+    whether their mean lies inside the confirmed 95% CI: (inside, one line with both)."""
+    import time
+
+    from trainable.cluster import connect
+    from trainable.train import build_trainer
+
+    exp = _open(experiment)
+    space, _ = recorded_space(exp)
+    prov = exported.provenance
+    if not prov.get("ci95"):
+        raise ConfigError("--verify: the exported config has no confirmed interval to check (unconfirmed answer)")
+    c = space.experiment.confirm
+    first = (c.first_seed + c.seeds if c else 1000) + 1000  # apart from the search's and the confirmation's
+    data = space.confirm_config(prov["searched"]).model_dump()
+    data["run"]["seed"], data["run"]["repeats"] = first, seeds
+    cfg = TrainConfig.model_validate(data)
+    connect(address)
+    name = f"verify-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = build_trainer(cfg, name, f"{exp.path}/verify").fit()
+    df = result.metrics_dataframe
+    metric = prov["metric"]
+    last = df[df["epoch"] == cfg.run.epochs].groupby("seed")[metric].last() if df is not None else []
+    if len(last) < seeds:
+        raise ConfigError(f"--verify: only {len(last)} of {seeds} runs finished (see {exp.path}/verify/{name})")
+    mean = float(last.mean())
+    lo, hi = prov["ci95"]
+    inside = lo <= mean <= hi
+    line = (f"verify: {metric} {mean:.4f} over seeds {[int(s) for s in last.index]} "
+            f"({', '.join(f'{v:.4f}' for v in last)}) {'inside' if inside else 'outside'} the confirmed 95% CI "
+            f"[{lo:.4f}, {hi:.4f}] (mean {prov['mean']:.4f})")
+    return inside, line
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m search.export", description=__doc__.splitlines()[0])
     p.add_argument("--experiment", required=True, help="experiment folder (<storage>/<name>)")
     p.add_argument("--out", default="best.yaml", help="file to write (default best.yaml; never overwritten)")
     p.add_argument("--num-workers", type=int, help="re-derive the accumulation for this many workers")
-    p.add_argument("--rank", type=int, default=1, help="export the K-th best trial (default 1)")
+    p.add_argument("--rank", type=int, default=1,
+                   help="export the K-th config of the confirmation table (default 1: the answer)")
+    p.add_argument("--verify", type=int, nargs="?", const=2, metavar="SEEDS",
+                   help="then train it at the confirmation budget on SEEDS fresh seeds (default 2) and "
+                        "check the mean lies in the confirmed CI (exit 0 inside, 1 outside)")
+    p.add_argument("--address", help="Ray cluster address for --verify (default: the one running here, or a new one)")
     args = p.parse_args(argv)
     try:
         # what needs no experiment first: these errors come before Tune's results are read
@@ -106,18 +179,32 @@ def main(argv: list[str] | None = None) -> int:
         above = next((d for d in Path(args.out).absolute().parents if d.exists()), None)
         if above is not None and not above.is_dir():
             raise ConfigError(f"--out {args.out}: {above} is a file, not a folder")
-        for flag, value in (("--rank", args.rank), ("--num-workers", args.num_workers)):
+        for flag, value in (("--rank", args.rank), ("--num-workers", args.num_workers), ("--verify", args.verify)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} {value}: must be >= 1")
         exported = export_trial(args.experiment, args.rank, args.num_workers)
+        if args.verify and not exported.provenance.get("ci95"):
+            raise ConfigError("--verify: the exported config has no confirmed interval to check (unconfirmed answer)")
         write_atomic(args.out, exported.to_yaml())
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     prov = exported.provenance
-    metric = next(k for k in prov if k.startswith("best_"))
-    print(f"wrote {args.out}: trial {prov['trial_id']} ({metric} {prov[metric]:.4f}, {prov['epochs_run']} epochs)")
+    ci = f" [{prov['ci95'][0]:.4f}, {prov['ci95'][1]:.4f}]" if prov.get("ci95") else ""
+    print(f"wrote {args.out}: {prov['label']} ({prov['verdict']}): {prov['metric']} {prov['mean']:.4f}{ci} "
+          f"over {len(prov['seeds'])} seed(s)")
+    for line in prov["production_changes"]:
+        print(f"  {line}")
     print(f"train it:  python -m trainable.train --config {args.out}")
+    if args.verify:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+        try:
+            inside, line = verify(args.experiment, exported, args.verify, args.address)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(line)
+        return 0 if inside else 1
     return 0
 
 

@@ -112,18 +112,31 @@ def run_trial(
     from ray import tune
 
     from search.sampling import sampled_values
-    from trainable.failures import deterministic_cause
 
     trial_id = tune.get_context().get_trial_id()
+    train_or_report_failure(
+        lambda: space.trial_config(sampled_values(config)), f"{TRIAL_NAME_PREFIX}{trial_id}", runs_path, space, launch
+    )
+
+
+def train_or_report_failure(
+    make_config: Callable[[], Any], name: str, runs_path: str, space: Space,
+    launch: Callable[[Any, str, str], None] | None = None,
+) -> None:
+    """Train the config `make_config` builds as the TorchTrainer run `name`; a failure no
+    retry changes becomes the trial's final result (see `run_trial`), any other is raised."""
+    from ray import tune
+
+    from trainable.failures import deterministic_cause
+
     try:
-        cfg = space.config_for(sampled_values(config))
-        (launch or launch_trainer)(cfg, f"{TRIAL_NAME_PREFIX}{trial_id}", runs_path)
+        (launch or launch_trainer)(make_config(), name, runs_path)
     except Exception as err:
         cause = deterministic_cause(err)
         if cause is None:
             raise
         reason = " ".join(str(cause).split()) or type(cause).__name__
-        logger.error("trial %s failed (not retried: the same config fails the same way): %s", trial_id, reason)
+        logger.error("%s failed (not retried: the same config fails the same way): %s", name, reason)
         metric = space.experiment.metric
         tune.report({metric: worst_value(metric), RUN_STATUS: FAILED, RUN_ERROR: reason})
 
@@ -137,20 +150,11 @@ def launch_trainer(cfg: Any, name: str, runs_path: str) -> None:
     build_trainer(cfg, name, runs_path, callbacks=[TuneReportCallback()]).fit()
 
 
-def make_scheduler(space: Space) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def make_scheduler(space: Space, exp: Experiment | None = None) -> Any:
+    """FIFO, or ASHA with the rung audit (`search.schedulers`)."""
+    from search.schedulers import make_scheduler as make
 
-    s = space.experiment.scheduler
-    if s.kind == "fifo":
-        return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="epoch",
-        metric=space.experiment.metric,
-        mode=space.experiment.mode,
-        max_t=space.train.run.epochs,
-        grace_period=s.grace_period,
-        reduction_factor=s.reduction_factor,
-    )
+    return make(space, exp)
 
 
 def build_tuner(
@@ -160,6 +164,7 @@ def build_tuner(
 
     from search.hparams import HParamsCallback
     from search.resume import CsvRows, JsonRows
+    from search.schedulers import AuditLog
     from search.study import StudyBackup, make_searcher
 
     # The trial driver only waits on its TorchTrainer, whose workers reserve their own
@@ -173,8 +178,8 @@ def build_tuner(
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(space, exp.study_db),
-            scheduler=make_scheduler(space),
+            search_alg=make_searcher(space, exp.study_db, audit=AuditLog(exp.path).load),
+            scheduler=make_scheduler(space, exp),
             num_samples=space.experiment.num_samples,
             max_concurrent_trials=concurrent,
         ),
@@ -201,6 +206,8 @@ class SearchOutcome:
     experiment: Experiment
     rows: list[TrialRow]
     results: ResultGrid
+    answer: dict[str, Any] | None = None
+    """The answer (`search.answer.build_answer`), also written as the experiment's report."""
 
 
 def prepare(
@@ -264,7 +271,74 @@ def run_search(
         record_space(exp, space, sets)
     tuner = build_tuner(space, exp, concurrent, restore, callbacks)
     results = tuner.fit()
-    return SearchOutcome(exp, summarise(results, space), results)
+    from search.schedulers import read_audit
+
+    rows = summarise(results, space, audited=read_audit(exp))
+    run_confirmation(space, exp, rows, concurrent, callbacks)
+    return SearchOutcome(exp, rows, results, write_answer(exp, space))
+
+
+def run_confirmation(
+    space: Space, exp: Experiment, rows: list[TrialRow], concurrent: int, callbacks: list[Any] | None = None,
+    launch: Callable[[Any, str, str], None] | None = None,
+) -> None:
+    """The confirmation of the search's best configs and the baseline on paired seeds, then
+    the ablation of the winner (`search.confirm`); each is skipped when off, and resumed
+    when its state exists."""
+    from search.answer import decide
+    from search.confirm import ABLATE, CONFIRM, ablation_plan, confirm_plan, phase_exists, read_phase, run_phase
+
+    if not space.confirmed or not finished(rows):
+        return
+    plan = confirm_plan(rows, space)
+    logger.info("confirmation: %s on seeds %s", ", ".join(e.label for e in plan), _seeds(space))
+    confirmed = read_phase(exp, CONFIRM, space, run_phase(space, exp, CONFIRM, plan, concurrent, callbacks, launch))
+    decision = decide(confirmed, space)
+    if decision is None or not space.experiment.ablate:
+        return
+    ablations = ablation_plan(decision.winner.entry, space)
+    if ablations or phase_exists(exp, ABLATE):
+        logger.info("ablation of %s: %s", decision.winner.entry.label, ", ".join(e.label for e in ablations))
+        run_phase(space, exp, ABLATE, ablations, concurrent, callbacks, launch)
+
+
+def _seeds(space: Space) -> list[int]:
+    c = space.experiment.confirm
+    return [c.first_seed + i for i in range(c.seeds)] if c else []
+
+
+def write_answer(exp: Experiment, space: Space) -> dict[str, Any]:
+    """Build the answer and write the report into `<experiment>/report/`."""
+    from search.answer import build_answer
+    from search.report import publish_report
+
+    from search.confirm import ABLATE, CONFIRM, read_phase
+    from search.study import record_phase
+
+    for phase in (CONFIRM, ABLATE):
+        measured = read_phase(exp, phase, space)
+        if measured:
+            record_phase(exp.study_db, exp.name, phase, measured)
+    answer = build_answer(exp, space)
+    publish_report(exp, answer)
+    return answer
+
+
+def answer_block(answer: dict[str, Any] | None, exp: Experiment) -> str:
+    """The answer as the console shows it at the end of a search."""
+    if answer is None:
+        return "no answer"
+    lines = ["answer: " + answer["message"]]
+    for c in answer.get("confirm") or []:
+        if c.get("mean") is None:
+            continue
+        ci = f" [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}]" if c.get("ci95") else ""
+        lines.append(f"  {c['label']:<12} {c['mean']:.4f}{ci}  {', '.join(c['changed']) or '(no trick changed)'}")
+    for a in answer.get("ablation") or []:
+        lines.append(f"  trick {a['trick']}: {a['delta']:+.4f} [{a['ci95'][0]:+.4f}, {a['ci95'][1]:+.4f}]")
+    lines.append(f"report:     {exp.path}/report/report.md")
+    lines.append(f"export it:  python -m search.export --experiment {exp.path} --out best.yaml")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -314,12 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(outcome.rows, space))
     done = finished(outcome.rows)
-    if done:
-        best = done[0]
-        print(f"\nbest trial {best.trial_id}: {space.experiment.metric} {best.best:.4f} with {best.values}")
-        print(f"export it:  python -m search.export --experiment {exp.path} --out best.yaml")
-    else:
-        print("\nno trial finished all its epochs")
+    print()
+    print(answer_block(outcome.answer, exp))
     errors = [r for r in outcome.rows if r.status == "error"]
     ended_badly = [r for r in outcome.rows if r.status in ("error", FAILED, DIVERGED)]
     for r in ended_badly:

@@ -10,7 +10,7 @@ import sqlite3
 import tempfile
 import time
 import warnings
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import optuna
@@ -33,6 +33,8 @@ from trainable.storage import Storage
 logger = logging.getLogger(__name__)
 
 TUNE_TRIAL_ID = "tune_trial_id"
+AUDITED = "audited_at_rung"  # user attr of a trial the rung audit ran to the end
+PHASE = "phase"
 
 
 def study_url(db_path: str) -> str:
@@ -59,10 +61,14 @@ class StudySearch(OptunaSearch):
       they are (`restore`).
     """
 
-    def __init__(self, *args: Any, time_attr: str = "epoch", max_t: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, time_attr: str = "epoch", max_t: int, audit: Callable[[], dict[str, int]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._time_attr = time_attr
         self._max_t = max_t
+        self._audit = audit  # the rung audit's trials (`search.schedulers.AuditLog.load`)
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
@@ -137,10 +143,13 @@ class StudySearch(OptunaSearch):
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED, skip_if_finished=True)
             self._completed_trials.add(trial_id)
             return
+        audited = self._audit()[0] if self._audit is not None else {}
+        if trial_id in audited:  # ran to the end only for the rung audit: it did finish
+            self._ot_trials[trial_id].set_user_attr(AUDITED, audited[trial_id])
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
-def make_searcher(space: Space, db_path: str) -> StudySearch:
+def make_searcher(space: Space, db_path: str, audit: Callable[[], Any] | None = None) -> StudySearch:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     exp = space.experiment
     return StudySearch(
@@ -151,6 +160,7 @@ def make_searcher(space: Space, db_path: str) -> StudySearch:
         study_name=exp.name,
         storage=study_storage(db_path),
         max_t=space.train.run.epochs,
+        audit=audit,
     )
 
 
@@ -211,3 +221,22 @@ def abandon_orphans(study: optuna.Study, known: Collection[str]) -> list[int]:
             study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
             numbers.append(t.number)
     return numbers
+
+
+def record_phase(db_path: str, name: str, phase: str, measured: list[Any]) -> None:
+    """Keep a phase's configs (`search.confirm.Measured`) in the study file as their own
+    study `<name>.<phase>`, one COMPLETE trial per config (its mean over seeds) with the
+    per-seed values, apart from the search's study so the sampler never sees them."""
+    study_name = f"{name}.{phase}"
+    storage = study_storage(db_path)
+    try:
+        optuna.delete_study(study_name=study_name, storage=storage)
+    except KeyError:
+        pass
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize")
+    for m in measured:
+        if not m.values:
+            continue
+        attrs = {PHASE: phase, "label": m.entry.label, "seeds": m.seeds, "values": m.values,
+                 "config": m.entry.values, "trick": m.entry.trick}
+        study.add_trial(optuna.trial.create_trial(value=sum(m.values) / len(m.values), user_attrs=attrs))

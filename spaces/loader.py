@@ -7,6 +7,7 @@ import copy
 import difflib
 import hashlib
 import itertools
+import logging
 import math
 import os
 import re
@@ -23,11 +24,13 @@ from trainable.config_io import explain, nearest_path, parse_override, read_yaml
 
 __all__ = ["QUICKSTART", "SPACES_DIR", "list_spaces", "load_space", "resolve_space_path"]
 
+logger = logging.getLogger(__name__)
+
 SPACES_DIR = Path(__file__).resolve().parent
 QUICKSTART: Path = SPACES_DIR / "quickstart.yaml"
 """The packaged default space: a small real search that runs on a laptop CPU."""
 
-SECTIONS = ("experiment", "train", "search")
+SECTIONS = ("experiment", "train", "search", "production")
 _MAX_COMBINATIONS = 1_000_000
 
 
@@ -180,20 +183,64 @@ def _validate(data: dict[str, Any], src: str, sha: str, overrides: list[str], de
     _check_accumulation(base, search, fail)
 
     # scheduler
-    epochs = [base.run.epochs]
     if "run.epochs" in search:
-        dist = search["run.epochs"]
-        epochs = dist.edge_values() + (epochs if dist.when else [])
-    if experiment.scheduler.kind == "asha" and experiment.scheduler.grace_period > min(epochs):
+        raise fail(
+            "search.run.epochs",
+            "cannot be searched: every trial's score is its metric after train.run.epochs (ASHA's "
+            "max_t and the confirmation budget); set it in the train section",
+        )
+    sched = experiment.scheduler
+    if sched.kind == "asha" and sched.grace_period > base.run.epochs:
         raise fail(
             "experiment.scheduler.grace_period",
-            f"{experiment.scheduler.grace_period} is more than train.run.epochs {min(epochs)}; "
+            f"{sched.grace_period} is more than train.run.epochs {base.run.epochs}; "
             "ASHA could never stop a trial (lower grace_period or raise run.epochs)",
         )
+    if sched.kind == "asha" and base.run.val_every > 1:
+        raise fail(
+            "train.run.val_every",
+            f"{base.run.val_every} with ASHA: a rung would compare stale scores; use 1 or scheduler kind fifo",
+        )
+    if sched.kind == "asha" and base.schedule.warmup_epochs >= sched.grace_period:
+        logger.warning(
+            "%s: warning: experiment.scheduler.grace_period %d ends inside the LR warmup (train.schedule."
+            "warmup_epochs %g): the first rung compares trials before they trained at full LR",
+            src, sched.grace_period, base.schedule.warmup_epochs,
+        )
 
+    production = _production(data.get("production") or {}, base, fail)
     return Space(
-        experiment=experiment, train=base, search=search, source=src, sha256=sha, overrides=overrides
+        experiment=experiment, train=base, search=search, source=src, sha256=sha, overrides=overrides,
+        production=production,
     )
+
+
+def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and path not in LEAF_PATHS:
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _production(raw: Mapping[str, Any], base: TrainConfig, fail: Fail) -> dict[str, Any]:
+    """The production section as key path -> value (nested or dotted keys), each checked on the base."""
+    flat = _flatten(raw)
+    data = base.model_dump()
+    for path, value in flat.items():
+        if path not in LEAF_PATHS:
+            near = nearest_path(path)
+            hint = f"; did you mean {near!r}?" if near else ""
+            raise fail(f"production.{path}", f"unknown key path{hint}")
+        set_path(data, path, value)
+    try:
+        validate_config(data)
+    except ConfigError as err:
+        raise fail("", "production: " + str(err)) from None
+    return flat
 
 
 def _is_key_path(path: str) -> bool:

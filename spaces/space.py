@@ -16,6 +16,7 @@ from trainable.config_io import nearest_path, set_path, validate_config
 
 __all__ = [
     "METRICS",
+    "ConfirmSettings",
     "ExperimentSettings",
     "SamplerSettings",
     "SchedulerSettings",
@@ -51,6 +52,32 @@ class SchedulerSettings(_Settings):
     """ASHA: epochs every trial runs before it can be stopped."""
     reduction_factor: float = Field(3, gt=1)
     """ASHA: 1 in reduction_factor trials goes on at each rung."""
+    schedule: Literal["rung", "plain"] = "rung"
+    """ASHA: `rung`: a trial's cosine LR reaches its floor at every rung and re-warms when the
+    trial goes on, so rungs compare annealed models; `plain`: one cosine over train.run.epochs,
+    so a rung sees each trial at a high LR."""
+    audit: float = Field(0.25, ge=0.0, le=1.0)
+    """ASHA: this fraction of the trials ASHA stops run to the end anyway, to measure how well
+    a rung's ranking predicts the final one (rank correlation per rung in the report)."""
+
+    def rungs(self, max_t: int) -> list[int]:
+        """ASHA's rung epochs below max_t: grace_period * reduction_factor**k."""
+        if self.kind != "asha":
+            return []
+        out, t = [], float(self.grace_period)
+        while t < max_t:
+            out.append(int(t))
+            t *= self.reduction_factor
+        return sorted(set(out))
+
+
+class ConfirmSettings(_Settings):
+    top_k: int = Field(3, ge=1, le=20)
+    """The best distinct configs of the search that are confirmed (besides the baseline)."""
+    seeds: int = Field(3, ge=1, le=100)
+    """Seeds per config, the same for every config (paired); 1 leaves the answer unconfirmed."""
+    first_seed: int = Field(1000, ge=0)
+    """Confirmation seeds are first_seed, first_seed + 1, ...: apart from the search's seed."""
 
 
 class SamplerSettings(_Settings):
@@ -76,6 +103,12 @@ class ExperimentSettings(_Settings):
     """Retries of a failed trial from its last checkpoint (-1: forever)."""
     scheduler: SchedulerSettings = SchedulerSettings()
     sampler: SamplerSettings = SamplerSettings()
+    confirm: ConfirmSettings | None = ConfirmSettings()
+    """After the search: the top_k configs and the baseline trained on the same seeds at
+    the full budget; null: no confirmation (the answer then rests on one seed)."""
+    ablate: bool = True
+    """After the confirmation: the winner with one trick at a time reset to its base value,
+    on the same seeds (what each trick contributed)."""
     storage_path: str = Field("~/trick-search", min_length=1)
     """A local folder or a URI (s3://, gs://) that every node of the cluster can reach."""
 
@@ -135,12 +168,97 @@ class Space(BaseModel):
     """Of the file's text as read, before the --set overrides."""
     overrides: list[str] = []
     """The --set overrides applied after reading the file."""
+    production: dict[str, Any] = {}
+    """TrainConfig key paths set at export, for the production run (run.epochs, data.subset, ...)."""
 
     @property
     def searched_paths(self) -> list[str]:
         """The searched key paths, every `when` key before the keys that depend on it
         (otherwise in file order)."""
         return dependency_order(self.search)
+
+    @property
+    def confirmed(self) -> bool:
+        """Whether the search ends with a confirmation on several seeds."""
+        c = self.experiment.confirm
+        return c is not None and c.seeds > 1
+
+    @property
+    def base_values(self) -> dict[str, Any]:
+        """Every searched key's value in the base config (the train section): the baseline."""
+        data = self.train.model_dump()
+        out = {}
+        for path in self.searched_paths:
+            node: Any = data
+            for part in path.split("."):
+                node = node[part]
+            out[path] = node
+        return out
+
+    @property
+    def tricks(self) -> dict[str, list[str]]:
+        """The tricks: each searched key without a `when`, with the keys sampled only under
+        it (directly or through another such key), e.g. mix.mode: [mix.mixup_alpha, ...]."""
+        out: dict[str, list[str]] = {}
+        for path in self.searched_paths:
+            roots = self._roots(path)
+            for root in roots:
+                out.setdefault(root, [])
+                if root != path:
+                    out[root].append(path)
+        return out
+
+    def _roots(self, path: str) -> list[str]:
+        when = self.search[path].when
+        if not when:
+            return [path]
+        return sorted({r for key in when if key in self.search for r in self._roots(key)})
+
+    def rung_epochs(self) -> list[int]:
+        """The epochs at which ASHA compares trials (below train.run.epochs)."""
+        return self.experiment.scheduler.rungs(self.train.run.epochs)
+
+    def trial_config(self, values: Mapping[str, Any]) -> TrainConfig:
+        """A search trial's config: the sampled values on the base, and with the `rung`
+        schedule, the cosine restarted at every rung."""
+        cfg = self.config_for(values)
+        s = self.experiment.scheduler
+        if s.kind == "asha" and s.schedule == "rung" and cfg.schedule.name == "cosine":
+            data = cfg.model_dump()
+            data["schedule"]["restarts"] = self.rung_epochs()
+            cfg = validate_config(data, f"{self.source} (rung schedule)")
+        return cfg
+
+    def confirm_config(self, values: Mapping[str, Any]) -> TrainConfig:
+        """A confirmation run's config: the values on the base, trained on the confirmation
+        seeds one after another (`run.repeats`), one cosine over the whole run."""
+        c = self.experiment.confirm or ConfirmSettings(seeds=1)
+        data = self.config_for(values).model_dump()
+        data["run"]["seed"], data["run"]["repeats"] = c.first_seed, c.seeds
+        return validate_config(data, f"{self.source} (confirmation)")
+
+    def production_config(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+        """`cfg` made ready for production: the `production` section applied, and without one
+        for data.subset, the whole training set; with one line per key that changed or that
+        was kept from the search budget."""
+        data = cfg.model_dump()
+        prod = dict(self.production)
+        lines = []
+        if "data.subset" not in prod and cfg.data.subset < 1.0:
+            prod["data.subset"] = 1.0
+        for path, value in prod.items():
+            node: Any = data
+            for part in path.split(".")[:-1]:
+                node = node[part]
+            old = node[path.split(".")[-1]]
+            set_path(data, path, value)
+            if old != value:
+                lines.append(f"{path}: {old} -> {value} (production)")
+        data["run"]["repeats"] = 1
+        if "run.epochs" not in prod:
+            lines.append(f"run.epochs: {cfg.run.epochs} kept from the search budget "
+                         "(add production: {run.epochs: N} to the space to change it)")
+        return validate_config(data, f"{self.source} (production)"), lines
 
     def config_for(self, values: Mapping[str, Any]) -> TrainConfig:
         """The base config with sampled values (dotted key paths) set, validated."""

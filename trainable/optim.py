@@ -119,6 +119,11 @@ def lr_factor(
     Linear warmup from `warmup_start_factor` (update 0) to 1.0 (update `warmup_updates`),
     then cosine from 1.0 to `min_lr_factor` (reached at `total_updates`), or `step`:
     times `step_gamma` at each milestone epoch (update milestone * updates_per_epoch).
+
+    Cosine with `restarts` (epochs): each restart ends a cosine at its floor (the factor at
+    update restart * updates_per_epoch is `min_lr_factor`); the next cosine re-warms
+    linearly from the floor to 1.0 over `warmup_updates`; with restarts every warmup takes at
+    most half of its cosine, so each one still ends annealed.
     """
     if updates_per_epoch < 1:
         raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch}")
@@ -126,16 +131,22 @@ def lr_factor(
         raise ValueError(f"total_updates must be >= 1, got {total_updates}")
     warmup_updates = max(0, warmup_updates)
     s = cfg_schedule
-    if update < warmup_updates:
-        warm = s.warmup_start_factor + (1.0 - s.warmup_start_factor) * update / warmup_updates
-    else:
-        warm = 1.0
     if s.name == "cosine":
-        if update < warmup_updates:
-            return warm
-        progress = min(1.0, max(0.0, (update - warmup_updates) / max(1, total_updates - warmup_updates)))
-        return s.min_lr_factor + (1.0 - s.min_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        ends = [e * updates_per_epoch for e in s.restarts if e * updates_per_epoch < total_updates]
+        k = sum(1 for b in ends if b < update)  # the cosine `update` belongs to
+        start, end = ([0, *ends])[k], ([*ends, total_updates])[k]
+        floor = s.min_lr_factor
+        first = s.warmup_start_factor if k == 0 else floor
+        warm = min(warmup_updates, (end - start) // 2) if ends else warmup_updates
+        at = update - start
+        if at < warm:
+            return first + (1.0 - first) * at / warm
+        progress = min(1.0, max(0.0, (at - warm) / max(1, end - start - warm)))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if s.name == "step":
+        warm = 1.0
+        if update < warmup_updates:
+            warm = s.warmup_start_factor + (1.0 - s.warmup_start_factor) * update / warmup_updates
         passed = sum(1 for m in s.step_milestones if update >= m * updates_per_epoch)
         return warm * s.step_gamma**passed
     raise ValueError(f"unknown schedule {s.name!r}")

@@ -16,17 +16,17 @@ class TensorBoard:
     """Rank 0's event writer. On a remote storage (s3://, gs://) the events are written
     locally and copied to the run's folder after every epoch."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, subdir: str | None = None) -> None:
         self.writer = None
         self._remote: tuple[Any, str] | None = None
-        logdir = self._logdir() if enabled else None
+        logdir = self._logdir(subdir) if enabled else None
         if logdir is None:
             return
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=logdir)
 
-    def _logdir(self) -> str | None:
+    def _logdir(self, subdir: str | None) -> str | None:
         import pyarrow.fs
 
         try:
@@ -36,7 +36,7 @@ class TensorBoard:
             fs, exp_path = storage.storage_filesystem, storage.experiment_fs_path
         except Exception:  # outside Ray Train (tests, benchmarks): no event files
             return None
-        target = f"{exp_path}/{TENSORBOARD_DIR}"
+        target = f"{exp_path}/{TENSORBOARD_DIR}" + (f"/{subdir}" if subdir else "")
         if isinstance(fs, pyarrow.fs.LocalFileSystem):
             return target
         self._remote = (fs, target)

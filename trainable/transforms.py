@@ -52,7 +52,7 @@ def train_transform(cfg: TrainConfig) -> v2.Compose:
     if cj.brightness > 0 or cj.contrast > 0 or cj.saturation > 0:
         ops.append(v2.ColorJitter(brightness=cj.brightness, contrast=cj.contrast, saturation=cj.saturation))
     ra = aug.randaugment
-    if ra.magnitude > 0:
+    if ra.enabled:
         ops.append(v2.RandAugment(num_ops=ra.num_ops, magnitude=ra.magnitude, num_magnitude_bins=31))
     if aug.grayscale_prob > 0:
         ops.append(v2.RandomGrayscale(p=aug.grayscale_prob))

@@ -1,0 +1,213 @@
+"""The answer's bookkeeping, in seconds: a search, its confirmation and its ablation run
+through the real Tuner, searcher, audited ASHA and phase runner, with a launcher that
+reports fixed curves (each trick adds a known amount), so the winner, the paired
+differences, the per-trick deltas and the audit are known exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from search.answer import NO_GAIN, TIE, UNCONFIRMED, WINNER, build_answer, decide
+from search.confirm import ABLATE, CONFIRM, Entry, Measured, ablation_plan, confirm_plan, read_phase
+from search.experiment import TrialRow, experiment_for, record_space, summarise
+from search.run import make_scheduler, run_confirmation, run_trial
+from search.schedulers import AuditLog, read_audit
+from search.study import AUDITED, load_study, make_searcher
+from spaces import QUICKSTART, load_space
+
+EPOCHS = 4
+SEEDS = [1000, 1001, 1002]
+EFFECT = {("mix.mode", "cutmix"): 0.04, ("mix.mode", "mixup"): 0.01, ("label_smoothing", 0.1): 0.02,
+          ("augment.randaugment.enabled", True): -0.03}
+"""What each trick adds to the final val_acc of the fake runs."""
+
+
+def _get(cfg, path: str):
+    node = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def final_score(cfg, seed: int) -> float:
+    """The fake run's last-epoch val_acc: 0.5, plus each trick's effect, plus a seed offset
+    shared by every config (so paired differences are exact)."""
+    return 0.5 + sum(e for (k, v), e in EFFECT.items() if _get(cfg, k) == v) + 0.003 * (seed % 3)
+
+
+def fake_launch(cfg, name: str, runs_path: str) -> None:
+    """Report every repeat's epochs as a curve rising to `final_score`; count launches."""
+    from ray import tune
+
+    runs = Path(runs_path)
+    runs.mkdir(parents=True, exist_ok=True)
+    with (runs / "launches.txt").open("a") as f:
+        f.write(name + "\n")
+    for repeat in range(cfg.run.repeats):
+        seed = cfg.run.seed + repeat
+        for epoch in range(1, cfg.run.epochs + 1):
+            tune.report({"epoch": epoch, "val_acc": final_score(cfg, seed) * epoch / cfg.run.epochs,
+                         "seed": seed, "repeat": repeat, "restarts": str(cfg.schedule.restarts)})
+
+
+@pytest.fixture(scope="module")
+def answered(ray_address, tmp_path_factory):
+    from ray import tune
+
+    storage = tmp_path_factory.mktemp("storage")
+    sets = [
+        f"experiment.storage_path={storage}",
+        "experiment.name=answer",
+        "experiment.num_samples=8",
+        "experiment.sampler={kind: random, seed: 3}",
+        "experiment.scheduler={kind: asha, grace_period: 1, reduction_factor: 2, audit: 0.5}",
+        "experiment.confirm={top_k: 2, seeds: 3}",
+        f"train.run.epochs={EPOCHS}",
+        "search.batch.global_batch=null",
+    ]
+    space = load_space(QUICKSTART, sets)
+    exp = experiment_for(space)
+    record_space(exp, space, sets)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(run_trial, space=space, runs_path=exp.runs, launch=fake_launch),
+                            {"CPU": 0, "memory": 2**20}),
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(space, exp.study_db, audit=AuditLog(exp.path).load),
+            scheduler=make_scheduler(space, exp),
+            num_samples=space.experiment.num_samples,
+            max_concurrent_trials=1,  # ASHA decides with the earlier trials' rungs known
+        ),
+        run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage, verbose=0),
+    )
+    grid = tuner.fit()
+    rows = summarise(grid, space, audited=read_audit(exp))
+    run_confirmation(space, exp, rows, concurrent=2, launch=fake_launch)
+    launches = (Path(exp.runs) / "launches.txt").read_text().split()
+    run_confirmation(space, exp, rows, concurrent=2, launch=fake_launch)  # as --resume does: nothing reruns
+    assert (Path(exp.runs) / "launches.txt").read_text().split() == launches
+    return space, exp, grid, rows, build_answer(exp, space)
+
+
+def test_search_trials_anneal_at_every_rung_and_confirmation_runs_once_over_all_seeds(answered):
+    space, exp, grid, _, _ = answered
+    assert space.rung_epochs() == [1, 2]
+    assert {r.metrics_dataframe["restarts"].iloc[0] for r in grid} == {"[1, 2]"}
+    confirmed = read_phase(exp, CONFIRM, space)
+    assert confirmed and all(m.seeds == SEEDS and m.status == "done" for m in confirmed)
+
+
+def test_audited_trials_run_to_the_end_and_are_marked(answered):
+    space, exp, _, rows, answer = answered
+    audited = read_audit(exp)
+    assert audited, "audit 0.5 audits the first trial ASHA stops"
+    by_id = {r.trial_id: r for r in rows}
+    for tid, rung in audited.items():
+        assert rung in space.rung_epochs()
+        assert by_id[tid].status == "done" and by_id[tid].epochs == EPOCHS and by_id[tid].audited
+    study = load_study(exp.study_db, exp.name)
+    marked = {t.user_attrs["tune_trial_id"]: t for t in study.trials if AUDITED in t.user_attrs}
+    assert set(marked) == set(audited)
+    assert all(t.state.name == "COMPLETE" for t in marked.values())
+    assert {t["trial_id"] for t in answer["trials"] if t["audited"]} == set(audited)
+    # every rung is audited over the trials that reached the end; curves rise the same way
+    # for every trial, so the rung ranking is the final ranking
+    assert [t["rung"] for t in answer["rung_tau"]] == [1, 2]
+    assert all(t["n"] >= 2 and t["tau"] == pytest.approx(1.0) for t in answer["rung_tau"])
+
+
+def test_the_winner_is_the_best_confirmed_config_with_exact_paired_differences(answered):
+    space, exp, _, rows, answer = answered
+    plan = confirm_plan(rows, space)
+    assert [e.label for e in plan][-1] == "baseline" and len(plan) == 3
+    expected = {c["label"]: [final_score(space.config_for(c["config"]), s) for s in SEEDS] for c in answer["confirm"]}
+    for c in answer["confirm"]:
+        assert c["values"] == pytest.approx(expected[c["label"]]) and c["seeds"] == SEEDS
+    ranked = sorted(expected, key=lambda k: -sum(expected[k]))
+    best = ranked[0]
+    assert answer["winner"]["label"] == best
+    # every difference is exact (the CIs have no width): a tie only between equal scores
+    tied = expected[ranked[1]] == pytest.approx(expected[best]) and ranked[1] != "baseline"
+    assert answer["verdict"] == (TIE if tied else WINNER)
+    gain = expected[best][0] - expected["baseline"][0]
+    assert answer["vs_baseline"]["delta"] == pytest.approx(gain)
+    assert answer["vs_baseline"]["ci95"] == pytest.approx([gain, gain])
+    equal = sum(1 for k in expected if expected[k] == pytest.approx(expected[best]))
+    assert answer["p_best"][best] == pytest.approx(1.0 / equal)  # tied configs share every resample
+    assert answer["budget"]["trial_epochs_confirm"] == EPOCHS * len(SEEDS) * (len(plan) + len(answer["ablation"]))
+
+
+def test_the_ablation_gives_each_trick_its_own_effect(answered):
+    space, exp, _, _, answer = answered
+    winner = answer["winner"]["config"]
+    tricks = {a["trick"]: a for a in answer["ablation"]}
+    assert set(tricks) == set(answer["winner"]["changed"]) and tricks
+    for trick, a in tricks.items():
+        effect = next(e for (k, v), e in EFFECT.items() if k == trick and winner[k] == v)
+        assert a["delta"] == pytest.approx(effect) and a["ci95"] == pytest.approx([effect, effect])
+        assert a["values"] == pytest.approx([effect] * len(SEEDS))
+    ablated = read_phase(exp, ABLATE, space)
+    assert all(m.seeds == SEEDS for m in ablated)
+
+
+def test_phases_are_kept_in_the_study_file_and_the_report_is_written(answered):
+    from search.run import write_answer
+
+    space, exp, _, _, _ = answered
+    answer = write_answer(exp, space)
+    confirm = load_study(exp.study_db, f"{exp.name}.confirm")
+    assert len(confirm.trials) == len(answer["confirm"])
+    assert all(t.user_attrs["seeds"] == SEEDS for t in confirm.trials)
+    report = Path(exp.path) / "report"
+    assert json.loads((report / "report.json").read_text())["verdict"] == answer["verdict"]
+    md = (report / "report.md").read_text()
+    assert answer["winner"]["label"] in md and "pp" in md
+    assert (report / "confirmation.png").stat().st_size > 1000
+
+
+# decide() on its own: the verdicts ----------------------------------------------------------------
+def _measured(label: str, role: str, values: list[float], changed: dict | None = None) -> Measured:
+    entry = Entry(label, role, {"mix.mode": "none", "label_smoothing": 0.0, **(changed or {})})
+    return Measured(entry, label, seeds=SEEDS[: len(values)], values=values)
+
+
+@pytest.fixture(scope="module")
+def small_space():
+    return load_space(QUICKSTART, ["search.batch.global_batch=null", "search.augment.randaugment.enabled=null",
+                                   "search.augment.randaugment.magnitude=null"])
+
+
+def test_decide_winner_tie_no_gain_and_unconfirmed(small_space):
+    base = _measured("baseline", "baseline", [0.90, 0.91, 0.92])
+    strong = _measured("candidate 1", "candidate", [0.95, 0.96, 0.97], {"mix.mode": "cutmix", "label_smoothing": 0.1})
+    close = _measured("candidate 2", "candidate", [0.951, 0.955, 0.972], {"label_smoothing": 0.1})
+    far = _measured("candidate 2", "candidate", [0.93, 0.94, 0.95], {"label_smoothing": 0.1})
+    d = decide([strong, far, base], small_space)
+    assert d.verdict == WINNER and d.winner is strong and d.runner_up is far
+    assert d.vs_runner_up["delta"] == pytest.approx(0.02)
+    # tied with the best: the simpler config (one trick instead of two) is the answer
+    d = decide([strong, close, base], small_space)
+    assert d.verdict == TIE and d.winner is close
+    noisy = _measured("candidate 1", "candidate", [0.93, 0.89, 0.935], {"mix.mode": "cutmix"})
+    d = decide([noisy, base], small_space)
+    assert d.verdict == NO_GAIN and d.winner is base
+    one = [_measured("candidate 1", "candidate", [0.95], {"mix.mode": "cutmix"}), _measured("baseline", "baseline", [0.9])]
+    assert decide(one, small_space).verdict == UNCONFIRMED
+
+
+def test_plans_dedupe_configs_and_ablate_a_trick_with_its_children(small_space):
+    rows = [
+        TrialRow("a", {"mix.mode": "cutmix", "mix.cutmix_alpha": 0.7, "label_smoothing": 0.1}, 0.9, EPOCHS, "done", 0.9),
+        TrialRow("b", {"mix.mode": "cutmix", "mix.cutmix_alpha": 0.7, "label_smoothing": 0.1}, 0.8, EPOCHS, "done", 0.8),
+        TrialRow("c", {"mix.mode": "none", "label_smoothing": 0.0}, 0.7, EPOCHS, "done", 0.7),
+        TrialRow("d", {"mix.mode": "mixup", "mix.mixup_alpha": 0.3, "label_smoothing": 0.0}, 0.95, 2, "stopped early", 0.95),
+    ]
+    plan = confirm_plan(rows, small_space)
+    # d was stopped early; b repeats a; c is the baseline itself
+    assert [(e.label, e.search_trial) for e in plan] == [("candidate 1", "a"), ("baseline", "c")]
+    ablations = {e.trick: e.values for e in ablation_plan(plan[0], small_space)}
+    assert set(ablations) == {"mix.mode", "label_smoothing"}
+    assert ablations["mix.mode"]["mix.mode"] == "none" and ablations["mix.mode"]["mix.cutmix_alpha"] == 1.0
+    assert ablations["mix.mode"]["label_smoothing"] == 0.1
