@@ -290,6 +290,9 @@ def run_confirmation(
 
     if not space.confirmed or not finished(rows):
         return
+    if any(r.status in ("error", "unfinished") for r in rows):  # --resume completes the search first
+        logger.warning("confirmation not started: some search trials did not end (see below)")
+        return
     plan = confirm_plan(rows, space)
     logger.info("confirmation: %s on seeds %s", ", ".join(e.label for e in plan), _seeds(space))
     confirmed = read_phase(exp, CONFIRM, space, run_phase(space, exp, CONFIRM, plan, concurrent, callbacks, launch))

@@ -323,7 +323,7 @@ def _check_value(base_data: dict[str, Any], path: str, value: Any, fail: Fail) -
     elif path == "batch.micro_batch" and isinstance(value, int) and value >= 1:
         batch["global_batch"] = value * dist["num_workers"]
     elif path == "distributed.num_workers" and isinstance(value, int) and value >= 1:
-        batch["global_batch"] = batch["micro_batch"] * value
+        batch["global_batch"] = (batch["micro_batch"] if batch["micro_batch"] != "auto" else 1) * value
     try:
         TrainConfig.model_validate(data)
     except ValidationError as err:

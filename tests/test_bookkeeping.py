@@ -48,9 +48,10 @@ def searched(ray_address, tmp_path_factory):
             "search.mix.mode=null",
             "search.mix.mixup_alpha=null",
             "search.mix.cutmix_alpha=null",
+            "search.augment.randaugment.enabled=null",
             "search.augment.randaugment.magnitude=null",
             "search.batch.global_batch=null",
-            "search.optimizer.base_lr=null",
+            "experiment.scheduler.audit=0",  # ASHA's own decisions only (the audit: tests/test_answer.py)
         ],
     )
     db = str(Path(storage) / "optuna.db")

@@ -380,7 +380,7 @@ def test_val_resize_follows_the_model_crop_pct(monkeypatch):
 def test_train_transform_random_val_transform_fixed():
     cfg = make_cfg(
         data={"kind": "digits", "image_size": 24},
-        augment={"randaugment": {"magnitude": 9}},
+        augment={"randaugment": {"enabled": True, "magnitude": 9}},
         mix={"mode": "none"},
     )
     train, val, _ = build_datasets(cfg)
@@ -395,7 +395,7 @@ def test_every_augmentation_on_keeps_shape_and_dtype():
         augment={
             "hflip": 0.5,
             "color_jitter": {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4},
-            "randaugment": {"num_ops": 2, "magnitude": 15},
+            "randaugment": {"enabled": True, "num_ops": 2, "magnitude": 15},
             "grayscale_prob": 0.5,
             "blur_prob": 0.5,
             "erasing_prob": 0.5,

@@ -314,7 +314,8 @@ def test_full_disk_mid_search_is_one_line_and_the_search_resumes(ray_address, sm
     monkeypatch.setattr(search.run, "run_trial", filling_trial)
     args = ["--address", ray_address, "--storage-path", str(small_disk), "--name", "full", "--num-samples", "3",
             "--max-concurrent-trials", "1", "--set", "train.run.epochs=2",
-            "--set", "experiment.scheduler={kind: fifo}", "--set", "experiment.max_failures=0"]
+            "--set", "experiment.scheduler={kind: fifo}", "--set", "experiment.max_failures=0",
+            "--set", "experiment.confirm=null"]
     fill = small_disk.with_name(small_disk.name + ".fill")
     fill.write_text("")
     assert search.run.main(args) == 1

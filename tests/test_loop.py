@@ -115,3 +115,31 @@ def test_killed_run_resumes_from_its_checkpoint(ray_address, tmp_path):
     epochs_run = [int(e) for e in re.findall(r"epoch (\d+)/4", out)]
     assert epochs_run and epochs_run[0] == start + 1 and epochs_run[-1] == 4
     assert "after 4 epochs" in out
+
+
+def test_rung_schedule_reports_the_floor_lr_at_every_rung(monkeypatch):
+    cfg = _cfg(distributed={"num_workers": 1}, run={"epochs": 3}, schedule={"restarts": [1, 2], "min_lr_factor": 0.0})
+    reports = []
+    monkeypatch.setattr("trainable.loop._report_with_checkpoint", lambda report, m, state: report(m))
+    run_training(cfg, 0, 1, torch.device("cpu"), report=lambda m, checkpoint=None: reports.append(m))
+    assert [r["lr"] for r in reports] == pytest.approx([0.0, 0.0, 0.0], abs=1e-12)
+
+
+def test_repeats_train_one_config_on_consecutive_seeds(monkeypatch):
+    """`run.repeats`: one worker function trains the config once per seed, every report
+    says which seed it belongs to, and the seeds' runs differ."""
+    import ray.train
+
+    import trainable.loop as loop
+
+    cfg = _cfg(distributed={"num_workers": 1}, run={"epochs": 1, "seed": 7, "repeats": 2})
+    reports = []
+    monkeypatch.setattr(loop, "_context", lambda: (0, 1, torch.device("cpu")))
+    monkeypatch.setattr(loop, "_report_with_checkpoint", lambda report, m, state: report(m))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.train, "report", lambda m, checkpoint=None: reports.append(m))
+    monkeypatch.setattr("ray.get_runtime_context", lambda: type("C", (), {"get_node_id": lambda self: "n"})())
+    loop.train_loop_per_worker(cfg.model_dump(mode="json"))
+    assert [(r["seed"], r["repeat"], r["epoch"]) for r in reports] == [(7, 0, 1), (8, 1, 1)]
+    assert reports[0]["train_loss"] != reports[1]["train_loss"]
+    assert cfg.for_repeat(1).run.seed == 8 and cfg.for_repeat(0) is cfg

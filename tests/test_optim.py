@@ -178,3 +178,28 @@ def test_clip_grad_norm_is_optional_positive_and_searchable_with_null():
         assert cfg.optimizer.clip_grad_norm == t.params["optimizer.clip_grad_norm"]
     with pytest.raises(ConfigError, match="optimizer.clip_grad_norm"):
         load_space(QUICKSTART, ["search.optimizer.clip_grad_norm={choice: [null, 0.0]}"])
+
+
+def test_cosine_with_restarts_is_at_its_floor_at_every_rung_and_rewarms_after():
+    s = ScheduleConfig(name="cosine", warmup_epochs=0.5, warmup_start_factor=0.1, min_lr_factor=0.02, restarts=[2, 4])
+    upe, total, warm = 10, 60, 5
+    f = [lr_factor(u, total, warm, s, upe) for u in range(total + 1)]
+    for boundary in (20, 40, 60):  # the LR reported at the end of epochs 2, 4 and 6
+        assert f[boundary] == pytest.approx(0.02)
+        assert f[boundary - 1] > f[boundary]  # annealing into the floor
+    assert f[0] == pytest.approx(0.1) and f[5] == pytest.approx(1.0)  # the first warmup as usual
+    for boundary in (20, 40):  # promoted: re-warm linearly from the floor to the peak
+        rewarm = f[boundary: boundary + warm + 1]
+        assert all(a < b for a, b in zip(rewarm, rewarm[1:])) and rewarm[-1] == pytest.approx(1.0)
+    # without restarts the same run anneals once
+    plain = ScheduleConfig(name="cosine", warmup_epochs=0.5, warmup_start_factor=0.1, min_lr_factor=0.02)
+    assert lr_factor(20, total, warm, plain, upe) > 0.5
+
+
+def test_restarts_are_checked_against_the_run():
+    with pytest.raises(ValueError, match="restarts: 6 must be below run.epochs"):
+        TrainConfig.model_validate({"schedule": {"restarts": [2, 6]}, "run": {"epochs": 6}})
+    with pytest.raises(ValueError, match="increasing"):
+        ScheduleConfig(restarts=[3, 2])
+    with pytest.raises(ValueError, match="only with schedule.name cosine"):
+        TrainConfig.model_validate({"schedule": {"name": "step", "restarts": [2]}, "run": {"epochs": 6}})

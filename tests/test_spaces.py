@@ -98,7 +98,13 @@ def test_shipped_spaces_load(name: str) -> None:
     assert space.experiment.name == name
     assert space.sha256 == hashlib.sha256(path.read_text().encode()).hexdigest()
     assert space.source == str(path)
-    assert {"mix.mode", "mix.mixup_alpha", "batch.global_batch", "optimizer.base_lr"} <= set(space.search)
+    assert {"mix.mode", "mix.mixup_alpha", "batch.global_batch", "augment.randaugment.enabled"} <= set(space.search)
+    # the baseline is the train section: every searched trick off
+    base = space.base_values
+    assert base["mix.mode"] == "none" and base["label_smoothing"] == 0.0
+    assert base["augment.randaugment.enabled"] is False
+    assert space.confirmed and space.experiment.ablate
+    assert space.production["data.subset"] == 1.0 and space.production["run.epochs"] > space.train.run.epochs
     # every global-batch choice is reachable with accumulation on this cluster shape
     for gb in space.search["batch.global_batch"].values or []:
         cfg = space.config_for({"batch.global_batch": gb})
@@ -110,10 +116,11 @@ def test_quickstart_is_the_laptop_default() -> None:
     assert resolve_space_path("quickstart") == QUICKSTART
     assert set(list_spaces()) >= {"quickstart", "imagenet_r50vd"}
     t = space.train
-    assert t.data.kind == "digits" and t.model.small_input and t.data.image_size == 32
-    assert t.distributed.num_workers == 2 and not t.distributed.use_gpu
+    assert t.data.kind == "digits" and not t.model.small_input and t.data.image_size == 16
+    assert t.distributed.num_workers == 1 and not t.distributed.use_gpu and t.data.subset == 1.0
+    assert space.experiment.confirm.seeds >= 3 and space.experiment.scheduler.schedule == "rung"
     assert space.experiment.scheduler.kind == "asha" and space.experiment.sampler.kind == "tpe"
-    assert space.experiment.max_concurrent_trials is None  # as many as fit: 1 on 2 cores
+    assert space.experiment.max_concurrent_trials is None  # as many as fit: 2 on 2 cores
     assert space.experiment.num_samples == 10 and t.model.name == "resnet18_vd"
     assert space.experiment.mode == "max" and space.experiment.metric == "val_acc"
 
@@ -124,7 +131,7 @@ def test_imagenet_reference_study() -> None:
     assert t.model.name == "resnet50_vd" and not t.model.small_input
     assert t.data.kind == "imagefolder" and t.data.image_size == 224
     assert t.distributed.num_workers == 8 and t.distributed.use_gpu
-    assert t.schedule.name == "cosine" and t.schedule.warmup_epochs == 5
+    assert t.schedule.name == "cosine" and t.schedule.warmup_epochs < space.experiment.scheduler.grace_period
     assert space.search["batch.global_batch"].values == [256, 512, 1024, 2048]
     assert expand_storage(space.experiment.storage_path).startswith("s3://")
 
@@ -582,6 +589,6 @@ def test_sampled_values_from_ray_optuna_search(tmp_path: Path) -> None:
         assert values == searcher._ot_trials[f"trial_{i}"].params
         cfg = space.config_for(values)
         assert cfg.mix.mode == values["mix.mode"]
-        assert cfg.optimizer.base_lr == values["optimizer.base_lr"]
+        assert cfg.batch.global_batch == values["batch.global_batch"]
         searcher.on_trial_complete(f"trial_{i}", {"val_acc": 0.1 * i, "training_iteration": 1})
     searcher.save(str(tmp_path / "searcher.pkl"))  # the define-by-run function pickles

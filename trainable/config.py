@@ -71,6 +71,10 @@ class DataConfig(_Section):
     loader_workers: int | Literal["auto"] = "auto"
     """Decoding processes per training worker; auto: distributed.cpus_per_worker - 1."""
     skip_corrupt: bool = False
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """`imagefolder` only. cpu: loader workers decode and augment; gpu: loader workers only
+    read the files, JPEGs are decoded in batches on the training device (nvJPEG on CUDA) and
+    augmented there (`trainable.gpu_decode`)."""
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @field_validator("loader_workers")
@@ -88,6 +92,8 @@ class DataConfig(_Section):
             raise ValueError(
                 f"data.val_resize: {self.val_resize} must be >= data.image_size ({self.image_size})"
             )
+        if self.decode == "gpu" and self.kind != "imagefolder":
+            raise ValueError(f"data.decode: gpu decodes JPEG folders only (data.kind imagefolder), not {self.kind!r}")
         return self
 
 
@@ -98,9 +104,12 @@ class ColorJitterConfig(_Section):
 
 
 class RandAugmentConfig(_Section):
+    enabled: bool = False
+    """RandAugment on or off: a switch of its own, since every magnitude (0 included)
+    applies the magnitude-free operations (equalize, autocontrast, posterize at its limit)."""
     num_ops: int = Field(2, ge=1, le=10)
-    magnitude: int = Field(0, ge=0, le=30)
-    """On torchvision's 0..30 scale; 0 turns RandAugment off."""
+    magnitude: int = Field(9, ge=0, le=30)
+    """On torchvision's 0..30 scale; used when enabled."""
 
 
 class AugmentConfig(_Section):
@@ -161,13 +170,34 @@ class ScheduleConfig(_Section):
     step_milestones: list[int] = [30, 60, 80]
     """`step`: epochs at which the LR is multiplied by step_gamma."""
     step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    restarts: list[int] = []
+    """`cosine`: epochs at which the cosine reaches its floor and a new cosine starts, re-warmed
+    over warmup_epochs (cosine with restarts). The search sets them at ASHA's rungs so every
+    rung compares annealed models; []: one cosine over the whole run."""
+
+    @field_validator("restarts")
+    @classmethod
+    def _increasing(cls, v: list[int]) -> list[int]:
+        if any(e < 1 for e in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"must be increasing epochs >= 1 (got {v})")
+        return v
 
 
 class BatchConfig(_Section):
     global_batch: int = Field(256, ge=1)
     """The effective batch of one optimizer update: the trick."""
-    micro_batch: int = Field(64, ge=1)
-    """Per worker per forward/backward: what fits in memory."""
+    micro_batch: int | Literal["auto"] = 64
+    """Per worker per forward/backward: what fits in memory. auto: the largest power of two
+    that fits the worker's memory and divides global_batch / num_workers, probed once on the
+    worker at the start of the run (`trainable.micro_batch`) and reported as `micro_batch`."""
+
+    @field_validator("micro_batch", mode="before")
+    @classmethod
+    def _micro_range(cls, v: Any) -> Any:
+        bad_word = isinstance(v, str) and v != "auto" and not v.strip().isdigit()
+        if bad_word or (isinstance(v, int) and v < 1):
+            raise ValueError(f"must be auto or an integer >= 1 (got {v!r})")
+        return v
 
 
 class DistributedConfig(_Section):
@@ -177,9 +207,13 @@ class DistributedConfig(_Section):
     sync_bn: bool | Literal["auto"] = "auto"
     """auto: on when the world size is above 1."""
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    """auto: bf16 autocast on CUDA, off on CPU."""
+    """auto: bf16 autocast on CUDA compute capability >= 8.0, fp16 with a GradScaler below
+    (V100), off on CPU."""
     channels_last: bool | Literal["auto"] = "auto"
     """auto: on with CUDA."""
+    compile: bool = False
+    """torch.compile the model: a one-off compile time at the start of every run (and of every
+    retry) against faster steps; `benchmarks/gpu_check.sh` measures both."""
     max_failures: int = Field(0, ge=-1)
     """Worker-group restarts from the last checkpoint before the run fails (-1: forever)."""
 
@@ -191,6 +225,9 @@ class RunConfig(_Section):
     val_every: int = Field(1, ge=1)
     log_every: int = Field(50, ge=1)
     """Optimizer updates between progress log lines (the only host syncs of the hot loop)."""
+    repeats: int = Field(1, ge=1, le=100)
+    """Train the config this many times, one after another, with seeds seed, seed + 1, ...
+    (confirmation on several seeds); every report carries its `seed`."""
 
 
 class TrainConfig(_Section):
@@ -210,9 +247,25 @@ class TrainConfig(_Section):
         check_accumulation(self.batch.global_batch, self.batch.micro_batch, self.distributed.num_workers)
         return self
 
+    @model_validator(mode="after")
+    def _restarts_inside_run(self) -> TrainConfig:
+        r = self.schedule.restarts
+        if r and self.schedule.name != "cosine":
+            raise ValueError("schedule.restarts: only with schedule.name cosine")
+        if r and r[-1] >= self.run.epochs:
+            raise ValueError(f"schedule.restarts: {r[-1]} must be below run.epochs ({self.run.epochs})")
+        return self
+
     # Derived values -----------------------------------------------------------------
     @property
     def accum_steps(self) -> int:
+        """Micro-batches per optimizer update; a `batch.micro_batch: auto` must be resolved
+        first (`trainable.micro_batch.resolve_micro_batch`, on the worker)."""
+        if self.batch.micro_batch == "auto":
+            raise ConfigError(
+                "batch.micro_batch is auto: the accumulation steps are known once a worker has "
+                "probed its memory (the run reports them as accum_steps)"
+            )
         return self.batch.global_batch // (self.batch.micro_batch * self.distributed.num_workers)
 
     @property
@@ -226,10 +279,18 @@ class TrainConfig(_Section):
             return max(0, int(self.distributed.cpus_per_worker) - 1)
         return self.data.loader_workers
 
+    def for_repeat(self, repeat: int) -> TrainConfig:
+        """The run of `run.repeats` number `repeat` (from 0): the same config with seed + repeat."""
+        if repeat == 0:
+            return self
+        data = self.model_dump()
+        data["run"]["seed"] = self.run.seed + repeat
+        return TrainConfig.model_validate(data)
+
     def with_num_workers(self, num_workers: int) -> TrainConfig:
         """The same run on another number of workers: the global batch (the trick) stays,
         the accumulation is re-derived, and the micro-batch shrinks only when no whole
-        accumulation reaches the global batch with it."""
+        accumulation reaches the global batch with it; `auto` stays auto."""
         gb, micro = self.batch.global_batch, self.batch.micro_batch
         if num_workers < 1:
             raise ConfigError(f"num_workers {num_workers}: must be >= 1")
@@ -239,7 +300,8 @@ class TrainConfig(_Section):
                 f"(not a multiple of {num_workers})"
             )
         per_worker = gb // num_workers
-        micro = max(m for m in range(1, min(micro, per_worker) + 1) if per_worker % m == 0)
+        if micro != "auto":
+            micro = max(m for m in range(1, min(micro, per_worker) + 1) if per_worker % m == 0)
         data = self.model_dump()
         data["distributed"]["num_workers"] = num_workers
         data["batch"]["micro_batch"] = micro
@@ -250,8 +312,24 @@ class TrainConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def check_accumulation(global_batch: int, micro_batch: int, num_workers: int) -> int:
-    """Accumulation steps for the three numbers, or a ValueError that names them."""
+def micro_batch_cap(global_batch: int, num_workers: int) -> int:
+    """The largest micro-batch `batch.micro_batch: auto` may pick: the largest power of two
+    dividing global_batch / num_workers (so the global batch stays exact through accumulation)."""
+    per_worker = global_batch // num_workers
+    return per_worker & -per_worker if per_worker >= 1 else 0
+
+
+def check_accumulation(global_batch: int, micro_batch: int | str, num_workers: int) -> int:
+    """Accumulation steps for the three numbers, or a ValueError that names them. With
+    micro_batch `auto` the global batch must split evenly over the workers; the steps
+    returned are then the fewest auto can reach (at `micro_batch_cap`)."""
+    if micro_batch == "auto":
+        if global_batch % num_workers or global_batch < num_workers:
+            raise ValueError(
+                f"batch.global_batch {global_batch} is not a whole multiple of distributed.num_workers "
+                f"{num_workers}, as batch.micro_batch auto needs; choose a global batch the workers split evenly"
+            )
+        return global_batch // (micro_batch_cap(global_batch, num_workers) * num_workers)
     per_update = micro_batch * num_workers
     if global_batch % per_update or global_batch < per_update:
         raise ValueError(

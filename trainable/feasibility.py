@@ -251,6 +251,7 @@ class _Check:
         for (picked, ts), subset, gb, mb, nw in itertools.product(
             sources, self.values(_SUBSET), *(self.values(p) for p in _BATCH_KEYS)
         ):
+            mb = 1 if mb == "auto" else mb  # an update needs one micro-batch per worker, whatever its size
             if gb < mb * nw:  # no whole accumulation: refused by the config's own checks
                 continue
             n = ts.after_subset(subset)

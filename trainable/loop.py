@@ -11,7 +11,6 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,8 +22,10 @@ from models import create_model
 from trainable.config import ConfigError, DataError, TrainConfig
 from trainable.data import Loaders, build_loaders, denormalize, normalize
 from trainable.distributed import all_gather, all_reduce_sum, rng_state, seed_everything, set_rng_state
+from trainable.micro_batch import resolve_micro_batch
 from trainable.mix import Mixer
 from trainable.optim import build_optimizer, build_scheduler
+from trainable.precision import Precision, resolve_precision
 from trainable.resume import CHECKPOINT_FILE, check_same_run, config_hash, load_resume_state
 from trainable.step import optimizer_update
 from trainable.syncbn import convert_sync_batchnorm
@@ -34,10 +35,11 @@ logger = logging.getLogger(__name__)
 
 METRICS = (
     "val_acc", "val_acc5", "val_loss", "best_val_acc", "train_loss", "lr", "epoch",
-    "images_per_s", "accum_steps", "global_batch", "train_seconds", "first_step_at",
+    "images_per_s", "accum_steps", "global_batch", "train_seconds", "first_step_at", "seed", "repeat",
 )
 """Reported every epoch. `train_seconds`: time inside training steps so far (this attempt);
-`first_step_at`: wall-clock time of this attempt's first optimizer update."""
+`first_step_at`: wall-clock time of this attempt's first optimizer update; `seed` and `repeat`:
+which of the config's `run.repeats` runs the report belongs to."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,28 +65,6 @@ WORST = {"val_acc": 0.0, "val_acc5": 0.0, "val_loss": float("inf"), "train_loss"
 def diverged_metrics(err: TrainingDiverged) -> dict[str, Any]:
     """The final report of a diverged run (see `RUN_STATUS`)."""
     return {**WORST, "epoch": err.epoch, RUN_STATUS: DIVERGED, RUN_ERROR: str(err)}
-
-
-# Resolved run settings -----------------------------------------------------------------------
-@dataclass
-class Precision:
-    """What `auto` resolves to on this device."""
-
-    autocast_dtype: torch.dtype | None
-    channels_last: bool
-    sync_bn: bool
-    scaler: torch.amp.GradScaler | None
-
-
-def resolve_precision(cfg: TrainConfig, device: torch.device, world_size: int) -> Precision:
-    d = cfg.distributed
-    cuda = device.type == "cuda"
-    amp = ("bf16" if cuda else "off") if d.amp == "auto" else d.amp
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
-    channels_last = cuda if d.channels_last == "auto" else bool(d.channels_last)
-    sync_bn = world_size > 1 if d.sync_bn == "auto" else bool(d.sync_bn)
-    return Precision(dtype, channels_last, sync_bn, scaler)
 
 
 # Model -----------------------------------------------------------------------------------------------
@@ -124,6 +104,8 @@ def build_model(cfg: TrainConfig, num_classes: int, device: torch.device, precis
     model = model.to(device)
     if precision.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.distributed.compile:
+        model.compile()  # in place: state_dict keys, DDP wrapping and checkpoints stay as they are
     return model
 
 
@@ -197,14 +179,21 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
         # rank 0's metrics reach Tune: `node_id` says where the run's first worker is
         ray.train.report({**metrics, "node_id": node_id}, checkpoint=checkpoint)
 
-    try:
-        run_training(cfg, rank, world_size, device, report=report, checkpoint=ray.train.get_checkpoint())
-    except TrainingDiverged as err:
-        # a result, not a failure: every rank gets here together, and Ray Train must not
-        # restart a run that would diverge again from the same checkpoint and RNG state
-        if rank == 0:
-            logger.error("%s", err)
-        report(diverged_metrics(err))
+    checkpoint = ray.train.get_checkpoint()
+    first = 0
+    if checkpoint is not None and cfg.run.repeats > 1:  # resume inside the repeat it was written by
+        first = load_resume_state(checkpoint)[0].get("repeat", 0)
+    for repeat in range(first, cfg.run.repeats):
+        run_cfg = cfg.for_repeat(repeat)
+        try:
+            run_training(run_cfg, rank, world_size, device, report=report,
+                         checkpoint=checkpoint if repeat == first else None, repeat=repeat)
+        except TrainingDiverged as err:
+            # a result, not a failure: every rank gets here together, and Ray Train must not
+            # restart a run that would diverge again from the same checkpoint and RNG state
+            if rank == 0:
+                logger.error("%s", err)
+            report({**diverged_metrics(err), "seed": run_cfg.run.seed, "repeat": repeat})
 
 
 def run_training(
@@ -215,12 +204,15 @@ def run_training(
     report: Any,
     checkpoint: Any = None,
     max_updates: int | None = None,
+    repeat: int = 0,
 ) -> None:
     """Train `cfg` on this worker. `report(metrics, checkpoint=...)` receives every epoch's
     metrics; `checkpoint` is a `ray.train.Checkpoint` to resume from, or None.
-    `max_updates` stops each epoch early (benchmarks only)."""
+    `max_updates` stops each epoch early (benchmarks only). `repeat`: which of the config's
+    `run.repeats` this is (`cfg.for_repeat(repeat)`), recorded in reports and checkpoints."""
     if cfg.distributed.num_workers != world_size:
         cfg = cfg.with_num_workers(world_size)
+    cfg = resolve_micro_batch(cfg, device, world_size)  # batch.micro_batch: auto -> probed
     accum = cfg.accum_steps
     precision = resolve_precision(cfg, device, world_size)
     seed_everything(cfg.run.seed * 1000 + rank)
@@ -261,7 +253,7 @@ def run_training(
         if rank == 0:
             logger.info("resumed from epoch %d", start_epoch)
 
-    tb = TensorBoard(enabled=rank == 0)
+    tb = TensorBoard(enabled=rank == 0, subdir=f"seed_{cfg.run.seed}" if cfg.run.repeats > 1 else None)
     train_seconds, first_step_at = 0.0, None
     val_metrics = {"val_acc": 0.0, "val_acc5": 0.0, "val_loss": float("nan")}
     per_update_images = cfg.batch.global_batch
@@ -319,12 +311,16 @@ def run_training(
                 "epoch": epoch + 1,
                 "images_per_s": per_update_images * n_updates / elapsed,
                 "accum_steps": accum,
+                "micro_batch": cfg.batch.micro_batch,
                 "global_batch": cfg.batch.global_batch,
                 "train_seconds": train_seconds,
                 "first_step_at": first_step_at,
+                "seed": cfg.run.seed,
+                "repeat": repeat,
             }
             if rank == 0:
-                tb.scalars({k: metrics[k] for k in METRICS if k not in ("epoch", "first_step_at")}, epoch + 1,
+                tb.scalars({k: metrics[k] for k in METRICS if k not in ("epoch", "first_step_at", "seed", "repeat")},
+                           epoch + 1,
                            prefix="epoch/")
                 tb.flush()
                 logger.info(
@@ -341,6 +337,7 @@ def run_training(
                     "scheduler": scheduler.state_dict(),
                     "scaler": precision.scaler.state_dict() if precision.scaler is not None else None,
                     "epoch": epoch + 1,
+                    "repeat": repeat,
                     "best_val_acc": best_val_acc,
                     "rng": rngs,
                     "config": cfg.model_dump(mode="json"),

@@ -41,6 +41,8 @@ IDENTITY_EXCLUDED = frozenset({
     "data.loader_workers",  # decoding processes
     "distributed.channels_last",  # memory layout only
     "distributed.max_failures",  # fault policy
+    "distributed.compile",  # the same model, compiled or not
+    "data.decode",  # where JPEGs are decoded and augmented, not how
 })
 """Key paths that do not change the training maths: a run resumes across them."""
 
