@@ -211,3 +211,82 @@ def test_plans_dedupe_configs_and_ablate_a_trick_with_its_children(small_space):
     assert set(ablations) == {"mix.mode", "label_smoothing"}
     assert ablations["mix.mode"]["mix.mode"] == "none" and ablations["mix.mode"]["mix.cutmix_alpha"] == 1.0
     assert ablations["mix.mode"]["label_smoothing"] == 0.1
+
+
+# The export ---------------------------------------------------------------------------------------
+def test_export_takes_the_confirmed_winner_with_its_evidence_and_production_settings(answered, tmp_path, capsys):
+    import yaml
+
+    from search.export import main
+
+    space, exp, _, _, answer = answered
+    out = tmp_path / "best.yaml"
+    assert main(["--experiment", exp.path, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = yaml.safe_load(out.read_text())
+    prov = data.pop("provenance")
+    w = answer["winner"]
+    assert prov["label"] == w["label"] and prov["verdict"] == answer["verdict"]
+    assert prov["mean"] == pytest.approx(w["mean"]) and prov["ci95"] == pytest.approx(w["ci95"])
+    assert prov["seeds"] == SEEDS and prov["values"] == pytest.approx(w["values"])
+    assert prov["searched"] == w["config"]
+    # the space's production section replaces the search budget, and says so
+    assert data["run"]["epochs"] == space.production["run.epochs"] and data["run"]["repeats"] == 1
+    assert data["run"]["seed"] == 0 and data["schedule"]["restarts"] == []
+    assert f"run.epochs: {EPOCHS} -> {space.production['run.epochs']} (production)" in printed
+    for key, value in w["config"].items():
+        node = data
+        for part in key.split("."):
+            node = node[part]
+        assert node == value
+    # --rank 2: the next config of the confirmation table by mean
+    second = tmp_path / "second.yaml"
+    assert main(["--experiment", exp.path, "--out", str(second), "--rank", "2"]) == 0
+    assert yaml.safe_load(second.read_text())["provenance"]["label"] != w["label"]
+
+
+def test_without_a_production_section_the_subset_is_reset_and_the_epochs_named(tmp_path):
+    space = load_space(QUICKSTART, ["production=null", "train.data.subset=0.3"])
+    cfg, lines = space.production_config(space.confirm_config({"mix.mode": "cutmix"}))
+    assert cfg.data.subset == 1.0 and cfg.run.repeats == 1 and cfg.mix.mode == "cutmix"
+    assert lines[0] == "data.subset: 0.3 -> 1.0 (production)"
+    assert lines[1].startswith(f"run.epochs: {space.train.run.epochs} kept from the search budget")
+
+
+class _FakeResult:
+    def __init__(self, values: list[float], epochs: int):
+        import pandas as pd
+
+        self.metrics_dataframe = pd.DataFrame(
+            [{"seed": 3003 + i, "epoch": e, "val_acc": v * e / epochs} for i, v in enumerate(values)
+             for e in range(1, epochs + 1)])
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_verify_says_whether_fresh_seeds_land_in_the_confirmed_interval(answered, tmp_path, monkeypatch, capsys, inside):
+    import search.export as export
+    import trainable.train
+
+    space, exp, _, _, answer = answered
+    lo, hi = answer["winner"]["ci95"]
+    mid = (lo + hi) / 2
+    values = [mid, mid] if inside else [hi + 0.01, hi + 0.03]
+    trained = []
+
+    class Trainer:
+        def __init__(self, cfg, name, storage):
+            trained.append(cfg)
+
+        def fit(self):
+            return _FakeResult(values, EPOCHS)
+
+    monkeypatch.setattr(trainable.train, "build_trainer", Trainer)
+    monkeypatch.setattr("trainable.cluster.connect", lambda address=None: None)
+    rc = export.main(["--experiment", exp.path, "--out", str(tmp_path / "v.yaml"), "--verify"])
+    out = capsys.readouterr().out
+    assert rc == (0 if inside else 1), out
+    cfg = trained[0]
+    assert cfg.run.repeats == 2 and cfg.run.seed not in SEEDS and cfg.run.epochs == EPOCHS  # the confirmation budget
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("verify: val_acc") and ("inside" if inside else "outside") in line
+    assert f"{sum(values) / 2:.4f}" in line and f"[{lo:.4f}, {hi:.4f}]" in line
