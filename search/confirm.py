@@ -160,6 +160,7 @@ def run_phase(
     """Run (or continue, when its state exists) a phase's trials: one per entry, FIFO."""
     from ray import tune
 
+    from search.console import TrialLines
     from search.resume import CsvRows, JsonRows
     from search.run import DRIVER_MEMORY
 
@@ -179,7 +180,7 @@ def run_phase(
                 name=phase,
                 storage_path=exp.path,
                 failure_config=tune.FailureConfig(max_failures=space.experiment.max_failures),
-                callbacks=[CsvRows(), JsonRows(), *(callbacks or [])],
+                callbacks=[CsvRows(), JsonRows(), TrialLines(space), *(callbacks or [])],
             ),
         )
     return tuner.fit()

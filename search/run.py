@@ -163,6 +163,7 @@ def build_tuner(
     from ray import tune
 
     from search.hparams import HParamsCallback
+    from search.console import TrialLines
     from search.resume import CsvRows, JsonRows
     from search.schedulers import AuditLog
     from search.study import StudyBackup, make_searcher
@@ -190,6 +191,7 @@ def build_tuner(
             callbacks=[
                 CsvRows(),  # Tune's own loggers, whose rows stay in the experiment across drivers
                 JsonRows(),
+                TrialLines(space),  # one line per ended trial on the console
                 HParamsCallback(space, exp.local, upload=None if exp.store.is_local else exp.store.upload),
                 *([] if exp.store.is_local else [StudyBackup(exp.study_db, exp.store)]),
                 *(callbacks or []),
@@ -236,7 +238,7 @@ def prepare(
                 f"--resume continues {exp.path} as it was started; {changed[0]!r} was not part of it "
                 "(start a new experiment with --name to change the search)"
             )
-        check_space_feasible(space.train, space.search, space.source)
+        check_space_feasible(space.train, space.search, space.source, _first_rung(space))
         restore_study(exp)
         return space, exp, sets
     if exists:
@@ -244,8 +246,13 @@ def prepare(
             f"experiment {exp.path} already exists; add --resume to continue it or --name to start another "
             "(nothing was changed)"
         )
-    check_space_feasible(space.train, space.search, space.source)
+    check_space_feasible(space.train, space.search, space.source, _first_rung(space))
     return space, exp, sets
+
+
+def _first_rung(space: Space) -> int | None:
+    rungs = space.rung_epochs()
+    return rungs[0] if rungs else None
 
 
 def run_search(

@@ -42,6 +42,7 @@ SETS = [
     f"experiment.num_samples={NUM_SAMPLES}",
     "experiment.max_concurrent_trials=2",
     "train.distributed.num_workers=1",  # two 1-worker trials side by side on 2 cores
+    "experiment.confirm=null",  # the search phase's story (the confirmation resumes as its own Tune run)
 ]
 SEED = int(os.environ.get("CHAOS_SEED", "7"))
 RUN_TIMEOUT_S = 900  # one driver's life, bounded

@@ -318,7 +318,7 @@ def test_real_search_neither_retries_a_divergence_nor_a_config_error(ray_address
     unsearched = list(load_space(QUICKSTART).search)
     sets = [
         "experiment.num_samples=2", "experiment.max_concurrent_trials=1", "experiment.max_failures=2",
-        "experiment.scheduler={kind: fifo}", "experiment.sampler={kind: random, seed: 0}",
+        "experiment.scheduler={kind: fifo}", "experiment.sampler={kind: random, seed: 0}", "experiment.confirm=null",
         "train.run.epochs=1", "train.run.log_every=1",
         "train.distributed.max_failures=2",  # Ray Train would restart the workers twice
         *(f"search.{k}=null" for k in unsearched),

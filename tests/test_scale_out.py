@@ -20,6 +20,9 @@ TINY = [
     "--set", "train.model.small_input=false",
     "--set", "train.data.subset=0.5",
     "--set", "experiment.scheduler={kind: fifo}",
+    "--set", "experiment.confirm=null",
+    "--set", "train.distributed.num_workers=2",  # a trial fills a 2-CPU node: one trial per node
+    "--set", "train.batch.micro_batch=16",
 ]
 
 

@@ -23,13 +23,14 @@ from trainable.config import LEAF_PATHS
 from trainable.config_io import load_config
 
 # A quick but real search: 5 trials one after another, 3 epochs each, ASHA halving at
-# epochs 1 and 2, so a trial worse than the median of those before it is stopped.
+# epochs 1 and 2, so a trial worse than the median of those before it is stopped; then the
+# best config and the baseline on 2 paired seeds, and the ablation of the winner.
 QUICK = [
     "experiment.num_samples=5",
     "experiment.max_concurrent_trials=1",
     "experiment.scheduler={kind: asha, grace_period: 1, reduction_factor: 2}",
     "experiment.sampler={kind: tpe, seed: 3, n_startup_trials: 5}",
-    "train.model.small_input=false",
+    "experiment.confirm={top_k: 1, seeds: 2}",
     "train.run.epochs=3",
 ]
 
@@ -56,12 +57,6 @@ def _tune_results(exp: str) -> dict[str, list[dict]]:
     return out
 
 
-def _best_finished(exp: str, metric: str = "val_acc", epochs: int = 3) -> dict[str, float]:
-    """{trial id: best metric} of the trials whose Tune results reach the last epoch."""
-    return {tid: max(r[metric] for r in rows) for tid, rows in _tune_results(exp).items()
-            if rows[-1]["epoch"] == epochs}
-
-
 @pytest.mark.slow
 def test_search_runs_every_trial_and_asha_stops_some(searched):
     space, outcome = searched
@@ -79,6 +74,7 @@ def test_search_runs_every_trial_and_asha_stops_some(searched):
         assert r.epochs == reported[-1]
         assert r.status == ("done" if reported[-1] == 3 else "stopped early")
         assert r.best == pytest.approx(max(x["val_acc"] for x in tune_results[r.trial_id]))
+        assert r.final == pytest.approx(tune_results[r.trial_id][-1]["val_acc"])  # the score: the last epoch
         assert set(r.values) <= set(space.searched_paths)
         assert "mix.mode" in r.values
         # conditional keys only where their condition holds
@@ -86,8 +82,9 @@ def test_search_runs_every_trial_and_asha_stops_some(searched):
             assert r.values["mix.mode"] in ("cutmix", "mixup_cutmix")
         if "mix.mixup_alpha" in r.values:
             assert r.values["mix.mode"] in ("mixup", "mixup_cutmix")
-    best = max(r.best for r in rows if r.status == "done")
+    best = max(r.final for r in rows if r.status == "done")
     assert best > 0.3  # 10 classes: chance is 0.1
+    assert rows[0].final == best  # ranked by the score
     exp = Path(outcome.experiment.path)
     assert (exp / "optuna.db").is_file() and (exp / SEARCH_INFO).is_file()
 
@@ -165,52 +162,72 @@ def test_trial_runs_write_their_own_tensorboard_files(searched):
 @pytest.mark.slow
 def test_export_then_production_training(searched, ray_address, tmp_path):
     space, outcome = searched
+    answer = outcome.answer
     out = tmp_path / "best.yaml"
     r = _run_cli(["-m", "search.export", "--experiment", outcome.experiment.path, "--out", str(out)])
     assert r.returncode == 0, r.stderr
     data = yaml.safe_load(out.read_text())
     prov = data.pop("provenance")
-    bests = _best_finished(outcome.experiment.path)  # Tune's rows, not the export's reader
-    ranked = sorted(bests.values(), reverse=True)
-    assert bests[prov["trial_id"]] == pytest.approx(ranked[0]) and prov["epochs_run"] == 3
-    assert prov["best_val_acc"] == pytest.approx(ranked[0])
-    best = next(row for row in outcome.rows if row.trial_id == prov["trial_id"])
-    study = {t.user_attrs[TUNE_TRIAL_ID]: t for t in load_study(outcome.experiment.study_db, "quick").get_trials()}
-    assert prov["searched"] == best.values == study[prov["trial_id"]].params
+    assert prov["label"] == answer["winner"]["label"] and prov["verdict"] == answer["verdict"]
+    assert prov["seeds"] == [1000, 1001] and len(prov["values"]) == 2 and len(prov["ci95"]) == 2
+    assert prov["mean"] == pytest.approx(sum(prov["values"]) / 2)
     assert prov["space_sha256"] == space.sha256 and prov["versions"]["torch"]
     cfg = load_config(out)
-    flat = {p for p in LEAF_PATHS}
-    assert all(_has(data, p) for p in flat)  # every field, not only the searched ones
-    for path, value in best.values.items():
+    assert all(_has(data, p) for p in LEAF_PATHS)  # every field, not only the searched ones
+    for path, value in prov["searched"].items():
         assert _get(cfg.model_dump(), path) == value
+    # production, not the search budget
+    assert cfg.run.epochs == space.production["run.epochs"] and cfg.run.repeats == 1 and cfg.schedule.restarts == []
+    assert "run.epochs: 3 -> 30 (production)" in r.stdout
 
     # the same file is never overwritten
     again = _run_cli(["-m", "search.export", "--experiment", outcome.experiment.path, "--out", str(out)])
     assert again.returncode == 2 and "already exists" in again.stderr
 
-    # re-derived for another cluster: the global batch (the trick) stays
-    one = tmp_path / "one.yaml"
-    r = _run_cli(["-m", "search.export", "--experiment", outcome.experiment.path, "--out", str(one),
-                  "--num-workers", "1", "--rank", "2"])
+    # the runner-up of the confirmation, re-derived for two workers: the global batch (the trick) stays
+    two = tmp_path / "two.yaml"
+    r = _run_cli(["-m", "search.export", "--experiment", outcome.experiment.path, "--out", str(two),
+                  "--num-workers", "2", "--rank", "2"])
     assert r.returncode == 0, r.stderr
-    cfg1 = load_config(one)
-    prov1 = yaml.safe_load(one.read_text())["provenance"]
-    assert prov1["rank"] == 2 and prov1["trial_id"] != prov["trial_id"]
-    assert bests[prov1["trial_id"]] == pytest.approx(ranked[1]) == prov1["best_val_acc"]
-    # the second trial's values as Optuna sampled them, the rest from the space's base config
-    params = study[prov1["trial_id"]].params
-    assert prov1["searched"] == params
-    dumped = cfg1.model_dump()
-    for path in space.searched_paths:
-        expected = params[path] if path in params else _get(space.train.model_dump(), path)
-        assert _get(dumped, path) == expected, path
-    assert cfg1.batch.global_batch == params.get("batch.global_batch", space.train.batch.global_batch)
-    assert cfg1.distributed.num_workers == 1 and cfg1.accum_steps * cfg1.batch.micro_batch == cfg1.batch.global_batch
+    cfg2 = load_config(two)
+    prov2 = yaml.safe_load(two.read_text())["provenance"]
+    assert prov2["rank"] == 2 and prov2["label"] != prov["label"]
+    assert {c["label"] for c in answer["confirm"]} == {prov["label"], prov2["label"]}
+    assert cfg2.batch.global_batch == prov2["searched"]["batch.global_batch"]
+    assert cfg2.distributed.num_workers == 2 and cfg2.accum_steps * cfg2.batch.micro_batch * 2 == cfg2.batch.global_batch
 
     train = _run_cli(["-m", "trainable.train", "--config", str(out), "--set", "run.epochs=1", "--address", ray_address,
                       "--storage-path", str(tmp_path / "prod")], timeout=400)
     assert train.returncode == 0, (train.stdout + train.stderr)[-3000:]
     assert "after 1 epochs" in train.stdout
+
+
+@pytest.mark.slow
+def test_the_search_ends_with_a_confirmed_answer_and_a_report(searched):
+    space, outcome = searched
+    answer = outcome.answer
+    assert answer["state"] == "finished"
+    assert answer["verdict"] in ("winner", "tie", "no gain over baseline")
+    labels = [c["label"] for c in answer["confirm"]]
+    assert labels == ["candidate 1", "baseline"] or labels == ["baseline"]
+    for c in answer["confirm"]:
+        assert c["seeds"] == [1000, 1001] and len(c["values"]) == 2 and c["ci95"][0] <= c["mean"] <= c["ci95"][1]
+    winner = answer["winner"]
+    assert {a["trick"] for a in answer["ablation"]} == set(winner["changed"])
+    assert [t["rung"] for t in answer["rung_tau"]] == [1, 2]
+    phases = {t["phase"] for t in answer["trials"]}
+    assert phases == {"search", "confirm", "ablate"} if winner["changed"] else {"search", "confirm"}
+    report = Path(outcome.experiment.path) / "report"
+    md = (report / "report.md").read_text()
+    for section in ("## Answer", "## Confirmation", "## What each trick contributed", "## Importance",
+                    "## Rung audit", "## Trials"):
+        assert section in md
+    assert json.loads((report / "report.json").read_text())["verdict"] == answer["verdict"]
+    for png in ("learning_curves.png", "confirmation.png", "rung_audit.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the confirmation's runs train through Ray Train on the seeds, one after another
+    confirm_runs = list(Path(outcome.experiment.runs).glob("confirm_*/tensorboard/seed_100[01]"))
+    assert len(confirm_runs) == 2 * len(answer["confirm"])
 
 
 def _get(d, path):
@@ -273,7 +290,7 @@ def test_existing_experiment_needs_resume(searched, capsys):
 def test_resume_after_sigkill_finishes_the_experiment(ray_address, tmp_path):
     args = ["-m", "search.run", "--address", ray_address, "--storage-path", str(tmp_path), "--name", "killed",
             "--num-samples", "3", "--max-concurrent-trials", "1",
-            "--set", "experiment.scheduler={kind: fifo}", "--set", "train.model.small_input=false",
+            "--set", "experiment.scheduler={kind: fifo}", "--set", "experiment.confirm=null",
             "--set", "train.run.epochs=3"]
     first = subprocess.Popen([PYTHON, *args], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)

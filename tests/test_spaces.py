@@ -592,3 +592,55 @@ def test_sampled_values_from_ray_optuna_search(tmp_path: Path) -> None:
         assert cfg.batch.global_batch == values["batch.global_batch"]
         searcher.on_trial_complete(f"trial_{i}", {"val_acc": 0.1 * i, "training_iteration": 1})
     searcher.save(str(tmp_path / "searcher.pkl"))  # the define-by-run function pickles
+
+
+# The answer's settings -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["search.run.epochs={choice: [2, 4]}"], "search.run.epochs: cannot be searched"),
+        (["train.run.val_every=2"], "train.run.val_every: 2 with ASHA: a rung would compare stale scores"),
+        (["production={run.epoch: 30}"], "production.run.epoch: unknown key path; did you mean 'run.epochs'?"),
+        (["production={data.subset: 2.0}"], "production: data.subset"),
+        (["experiment.confirm={top_k: 0}"], "experiment.confirm.top_k"),
+        (["experiment.scheduler.audit=1.5"], "experiment.scheduler.audit"),
+        (["experiment.scheduler.schedule=restart"], "experiment.scheduler.schedule"),
+    ],
+)
+def test_answer_settings_are_checked(sets, message):
+    with pytest.raises(SpaceError) as err:
+        load_space(QUICKSTART, sets)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_early_rungs_and_warmup_get_one_line_warnings(caplog):
+    from trainable.feasibility import check_space_feasible
+
+    with caplog.at_level("WARNING"):
+        space = load_space(QUICKSTART, ["train.schedule.warmup_epochs=2"])
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "warning: experiment.scheduler.grace_period 2 ends inside the LR warmup (train.schedule.warmup_epochs 2): "
+        "the first rung compares trials before they trained at full LR"]
+    caplog.clear()
+    space = load_space(QUICKSTART, ["experiment.scheduler.grace_period=1", "train.data.subset=0.3"])
+    with caplog.at_level("WARNING"):
+        check_space_feasible(space.train, space.search, space.source, space.rung_epochs()[0])
+    (record,) = caplog.records
+    assert "first rung (epoch 1) comes after only 3 optimizer updates with batch.global_batch 128" in record.getMessage()
+    caplog.clear()
+    space = load_space(QUICKSTART)  # the shipped space: none
+    with caplog.at_level("WARNING"):
+        check_space_feasible(space.train, space.search, space.source, space.rung_epochs()[0])
+    assert not caplog.records
+
+
+def test_tricks_baseline_and_trial_configs():
+    space = load_space(QUICKSTART)
+    assert space.tricks == {"mix.mode": ["mix.mixup_alpha", "mix.cutmix_alpha"], "label_smoothing": [],
+                            "augment.randaugment.enabled": ["augment.randaugment.magnitude"],
+                            "batch.global_batch": []}
+    assert space.trial_config({"mix.mode": "cutmix"}).schedule.restarts == space.rung_epochs() == [2, 4]
+    plain = load_space(QUICKSTART, ["experiment.scheduler.schedule=plain"])
+    assert plain.trial_config({"mix.mode": "cutmix"}).schedule.restarts == []
+    confirm = space.confirm_config({"mix.mode": "cutmix"})
+    assert (confirm.run.seed, confirm.run.repeats, confirm.schedule.restarts) == (1000, 3, [])

@@ -11,6 +11,8 @@ Searched keys are read from any object with `kind`, `values`, `low`, `high` and 
 
 from __future__ import annotations
 
+import logging
+
 import itertools
 import pickle
 from collections import Counter
@@ -58,6 +60,8 @@ _CIFAR_KNOWN = {"cifar10": (10, 5000), "cifar100": (100, 500)}  # classes, train
 _SOURCE_KEYS = ("data.kind", "data.root", "data.skip_corrupt", "data.synthetic.num_classes",
                 "data.synthetic.train_per_class")
 _SUBSET = "data.subset"
+logger = logging.getLogger(__name__)
+
 _BATCH_KEYS = ("batch.global_batch", "batch.micro_batch", "distributed.num_workers")
 _PRETRAINED = "model.pretrained"
 _MAX_LISTED = 8
@@ -191,16 +195,37 @@ def check_config_feasible(cfg: TrainConfig, source: str) -> None:
     _Check(cfg, {}, set(), lambda path, searched: f"{source}: {path}").run()
 
 
-def check_space_feasible(base: TrainConfig, search: Mapping[str, DistributionLike], source: str) -> None:
+def check_space_feasible(
+    base: TrainConfig, search: Mapping[str, DistributionLike], source: str, first_rung: int | None = None
+) -> None:
     """The same for every trial a space can make: the base config with any combination of
     the values its searched keys can take.
 
     A space with a value that cannot train is refused whole, naming the value and the values
     that fit, rather than searched without it: dropping a choice would change the user's
-    search (and Optuna's distribution) behind their back, and the fix is one edit."""
+    search (and Optuna's distribution) behind their back, and the fix is one edit.
+    `first_rung`: the epoch of the scheduler's first comparison; a warning (one line) when
+    some trial reaches it after fewer than `FEW_UPDATES` optimizer updates."""
     options = {path: _possible(base, dist, path) for path, dist in search.items()}
     ranges = {path for path, dist in search.items() if dist.kind != "choice"}
-    _Check(base, options, ranges, lambda path, searched: f"{source}: {'search' if searched else 'train'}.{path}").run()
+    check = _Check(base, options, ranges, lambda path, searched: f"{source}: {'search' if searched else 'train'}.{path}")
+    check.run()
+    if first_rung:
+        fewest = min(
+            (updates_per_epoch(ts.after_subset(subset), gb, 1 if mb == "auto" else mb, nw), gb)
+            for (_, ts), subset, gb, mb, nw in itertools.product(
+                check.sources(), check.values(_SUBSET), *(check.values(p) for p in _BATCH_KEYS))
+            if gb >= (1 if mb == "auto" else mb) * nw
+        )
+        if fewest[0] * first_rung < FEW_UPDATES:
+            logger.warning(
+                "%s: warning: ASHA's first rung (epoch %d) comes after only %d optimizer updates with "
+                "batch.global_batch %d; rungs that early rank how fast trials start, not where they end "
+                "(raise experiment.scheduler.grace_period)", source, first_rung, fewest[0] * first_rung, fewest[1],
+            )
+
+
+FEW_UPDATES = 20
 
 
 def _base_value(cfg: TrainConfig, path: str) -> Any:
