@@ -75,6 +75,11 @@ class AuditedASHA(ASHAScheduler):
         if trial.trial_id in audited:
             return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
+        if epoch is not None and epoch >= self._max_t:
+            # its last epoch: the trial ends by itself, and its TorchTrainer shuts its workers
+            # down and frees their resources, which a stop from here would leave to Ray Train's
+            # clean-up of a killed run
+            return TrialScheduler.CONTINUE
         ended = result.get(RUN_STATUS) is not None  # diverged or failed: nothing to audit
         if action != TrialScheduler.STOP or epoch is None or epoch >= self._max_t or ended:
             return action
