@@ -1,24 +1,28 @@
-"""Search overhead: how much of a trial's time is training, and how long a trial takes to
-reach its first optimizer step, against a bare Ray Tune + Ray Train trial in the same run.
+"""Search overhead: how long a trial takes to reach its first optimizer step against a bare
+Ray Tune + Ray Train trial in the same run, how much of a trial's time is training, and how
+busy the search keeps its trial slots.
 
-Ours: the quickstart space run in this process by search.run (prepare + run_search) with
-N trials one at a time, FIFO (no early stopping), few epochs on a small data subset.
+Ours: the quickstart space run in this process by search.run (prepare + run_search) with N
+trials, FIFO (no early stopping), no confirmation or ablation, at the quickstart's own
+epochs and data subset unless --epochs / --subset say otherwise.
 Bare reference: a Tune function trainable with the same resources as search.run's trial
 driver ({"CPU": 0, "memory": 1 MiB}) that starts a `ray.train.torch.TorchTrainer` with the
 same workers, whose train loop only calls `ray.train.report({"first_step_at": time.time()})`
-once, reported to Tune through `TuneReportCallback`.
+once, reported to Tune through `TuneReportCallback`. Both run --concurrent trials at a time.
 
 A Tune callback records every trial's `on_trial_start` and `on_trial_complete` wall times.
 Per trial of ours:
-  in-steps fraction  last reported `train_seconds` / trial wall time (the workers live for
+  in steps           last reported `train_seconds` / trial wall time (the workers live for
                      the whole trial, so this is the fraction of worker time spent training)
   start-to-step      `first_step_at` - trial start
 For the bare trial, start-to-step is the time to its one report: what Ray Tune and Ray Train
 themselves take to start a trial and its workers. Ours - bare is what our set-up adds
 (imports, data, model build, SyncBN, DDP wrap, the first step itself).
+Search utilisation: the trials' wall time summed / (trial slots x the search's wall time,
+from `run_search` called to returned); the slots are the trials run at a time.
 
-    python benchmarks/search_overhead.py                 # N=3, 1 epoch, subset 0.25
-    python benchmarks/search_overhead.py --trials 5 --epochs 2 --subset 0.5
+    python benchmarks/search_overhead.py                 # N=3, the quickstart's epochs and subset
+    python benchmarks/search_overhead.py --trials 5 --epochs 2 --subset 0.5 --concurrent 2
 """
 
 from __future__ import annotations
@@ -80,21 +84,30 @@ class TrialTimer(tune.Callback):
 
 
 # Ours ----------------------------------------------------------------------------------------------
-def run_ours(args: argparse.Namespace, storage: str, name: str) -> list[dict[str, Any]]:
-    from search.run import prepare, run_search
-
+def our_overrides(args: argparse.Namespace) -> list[str]:
+    """The quickstart as a plain search of N trials (no early stopping, no confirmation)."""
     sets = [
         f"experiment.num_samples={args.trials}",
-        "experiment.max_concurrent_trials=1",
+        f"experiment.max_concurrent_trials={args.concurrent}",
         "experiment.scheduler={kind: fifo}",
-        f"train.run.epochs={args.epochs}",
-        f"train.data.subset={args.subset}",
-        *args.set,
+        "experiment.confirm=null",
+        "experiment.ablate=false",
     ]
-    space, exp, sets = prepare(None, sets, False, name, storage)
+    if args.epochs is not None:
+        sets.append(f"train.run.epochs={args.epochs}")
+    if args.subset is not None:
+        sets.append(f"train.data.subset={args.subset}")
+    return [*sets, *args.set]
+
+
+def run_ours(args: argparse.Namespace, storage: str, name: str) -> tuple[list[dict[str, Any]], float]:
+    from search.run import prepare, run_search
+
+    space, exp, sets = prepare(None, our_overrides(args), False, name, storage)
     timer = TrialTimer()
+    t = time.time()
     run_search(space, exp, sets, callbacks=[timer])
-    return timer.rows()
+    return timer.rows(), time.time() - t
 
 
 # Bare reference ------------------------------------------------------------------------------------
@@ -119,7 +132,9 @@ def _bare_trial(config: dict[str, Any], workers: int, cpus_per_worker: float, ru
     trainer.fit()
 
 
-def run_bare(args: argparse.Namespace, storage: str, name: str, workers: int, cpus: float) -> list[dict[str, Any]]:
+def run_bare(
+    args: argparse.Namespace, storage: str, name: str, workers: int, cpus: float
+) -> tuple[list[dict[str, Any]], float]:
     from search.run import DRIVER_MEMORY
 
     timer = TrialTimer()
@@ -127,13 +142,14 @@ def run_bare(args: argparse.Namespace, storage: str, name: str, workers: int, cp
         tune.with_parameters(_bare_trial, workers=workers, cpus_per_worker=cpus, runs=f"{storage}/{name}/runs"),
         {"CPU": 0, "memory": DRIVER_MEMORY},
     )
+    t = time.time()
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(num_samples=args.trials, max_concurrent_trials=1),
+        tune_config=tune.TuneConfig(num_samples=args.trials, max_concurrent_trials=args.concurrent),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[timer]),
     )
     tuner.fit()
-    return timer.rows()
+    return timer.rows(), time.time() - t
 
 
 # Report ----------------------------------------------------------------------------------------------
@@ -144,6 +160,19 @@ def _f(v: Any, fmt: str) -> str:
 def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     vals = [r[key] for r in rows if r[key] is not None and r["error"] is None]
     return statistics.median(vals) if vals else None
+
+
+def in_steps(rows: list[dict[str, Any]]) -> float | None:
+    """All trials' training-step seconds over all trials' wall seconds."""
+    ok = [r for r in rows if r["train_seconds"] is not None and r["error"] is None and r["wall"] == r["wall"]]
+    wall = sum(r["wall"] for r in ok)
+    return sum(r["train_seconds"] for r in ok) / wall if wall > 0 else None
+
+
+def utilisation(rows: list[dict[str, Any]], slots: int, wall: float) -> float | None:
+    """The fraction of the search's trial slots busy with a trial over its wall time."""
+    busy = sum(r["wall"] for r in rows if r["wall"] == r["wall"])
+    return busy / (slots * wall) if wall > 0 and slots > 0 else None
 
 
 def print_rows(label: str, rows: list[dict[str, Any]]) -> None:
@@ -159,19 +188,20 @@ def print_rows(label: str, rows: list[dict[str, Any]]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trials", type=int, default=3, help="trials of each kind (N), run one at a time")
-    p.add_argument("--epochs", type=int, default=1, help="train.run.epochs of our trials")
-    p.add_argument("--subset", type=float, default=0.25, help="train.data.subset of our trials")
+    p.add_argument("--trials", type=int, default=3, help="trials of each kind (N)")
+    p.add_argument("--concurrent", type=int, default=1, help="trials at a time, of each kind")
+    p.add_argument("--epochs", type=int, help="train.run.epochs of our trials (default: the quickstart's)")
+    p.add_argument("--subset", type=float, help="train.data.subset of our trials (default: the quickstart's)")
     p.add_argument("--num-cpus", type=int, default=4, help="CPUs of the local Ray instance")
     p.add_argument("--order", choices=["bare-first", "ours-first"], default="bare-first",
                    help="which search runs first (the first one pays the cold start of the Ray instance)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="further override of the quickstart space, e.g. train.batch.micro_batch=8")
     args = p.parse_args(argv)
-    for key in ("trials", "epochs", "num_cpus"):
-        if getattr(args, key) < 1:
+    for key in ("trials", "epochs", "num_cpus", "concurrent"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
-    if not 0 < args.subset <= 1:
+    if args.subset is not None and not 0 < args.subset <= 1:
         p.error(f"--subset must be in (0, 1], got {args.subset}")
     return args
 
@@ -183,32 +213,41 @@ def main(argv: list[str] | None = None) -> int:
     from search.run import trial_resources
     from spaces import QUICKSTART, load_space
 
-    workers, cpus, _ = trial_resources(load_space(QUICKSTART, args.set))
+    space = load_space(QUICKSTART, our_overrides(args))
+    workers, cpus, _ = trial_resources(space)
     if not ray.is_initialized():
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+        from trainable.cluster import quiet_ray_console, ray_env
+
+        quiet_ray_console()
+        ray_env()  # Ray as connect() sets it up; the bare trials inherit it too
+        # the dashboard stays on, as in a search: Ray Train's placement-group cleaner asks it
+        ray.init(num_cpus=args.num_cpus)
     print(
-        f"search overhead: N={args.trials} trials each, one at a time; ours: quickstart space, FIFO, "
-        f"epochs={args.epochs}, subset={args.subset:g}, {workers} workers x {cpus:g} CPU; "
-        f"bare: TorchTrainer, {workers} workers x {cpus:g} CPU, one report",
+        f"search overhead: N={args.trials} trials each, {args.concurrent} at a time; ours: quickstart space, "
+        f"FIFO, epochs={space.train.run.epochs}, subset={space.train.data.subset:g}, {workers} workers x {cpus:g} "
+        f"CPU; bare: TorchTrainer, {workers} workers x {cpus:g} CPU, one report; Ray: {args.num_cpus} CPUs",
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="search_bench_") as storage:
-        runs = {}
+        runs, walls = {}, {}
         order = ["bare", "ours"] if args.order == "bare-first" else ["ours", "bare"]
         for kind in order:
-            t = time.perf_counter()
             if kind == "ours":
-                runs[kind] = run_ours(args, storage, "ours")
+                runs[kind], walls[kind] = run_ours(args, storage, "ours")
             else:
-                runs[kind] = run_bare(args, storage, "bare", workers, cpus)
-            print(f"{kind}: {args.trials} trials in {time.perf_counter() - t:.1f} s", flush=True)
+                runs[kind], walls[kind] = run_bare(args, storage, "bare", workers, cpus)
+            print(f"{kind}: {args.trials} trials in {walls[kind]:.1f} s", flush=True)
 
     print_rows("ours (search.run, quickstart)", runs["ours"])
     print_rows("bare (Tune + TorchTrainer, one report)", runs["bare"])
-    frac = _median(runs["ours"], "fraction")
     ours, bare = _median(runs["ours"], "to_first_step"), _median(runs["bare"], "to_first_step")
+    slots = min(args.concurrent, args.trials)
     print()
-    print(f"median fraction of worker time in training steps (ours): {_f(frac, '.1%')}")
+    print(f"fraction of worker time in training steps (ours): median {_f(_median(runs['ours'], 'fraction'), '.1%')}, "
+          f"all trials {_f(in_steps(runs['ours']), '.1%')}")
+    print(f"search utilisation (trial slots busy, {slots} slot{'s' if slots > 1 else ''}): "
+          f"ours {_f(utilisation(runs['ours'], slots, walls['ours']), '.1%')}, "
+          f"bare {_f(utilisation(runs['bare'], slots, walls['bare']), '.1%')}")
     print(f"median trial start -> first optimizer step, ours: {_f(ours, '.1f')} s")
     print(f"median trial start -> first report, bare Tune + Ray Train: {_f(bare, '.1f')} s")
     if ours is not None and bare is not None:

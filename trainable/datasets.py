@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from trainable.config import DataError, TrainConfig
+from trainable.datacache import cached_arrays, file_stamp, settled
 from trainable.feasibility import subset_class_count
 from trainable.imagefolder import index_image_folder
 from trainable.transforms import train_transform, val_transform
@@ -201,21 +202,61 @@ def _cifar(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, list[str]]:
     if root.exists() and not root.is_dir():
         raise DataError(f"{root}: not a folder (data.root for data.kind {cfg.data.kind!r})")
     cls = _LocalCIFAR10 if cfg.data.kind == "cifar10" else _LocalCIFAR100
-    out: list[ImageDataset] = []
-    for train, tf in ((True, train_transform(cfg)), (False, val_transform(cfg))):
-        try:
-            ds = cls(str(root), train=train, download=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as err:
-            folder = root / cls.base_folder
-            raise DataError(f"{folder}: cannot load {cfg.data.kind} ({type(err).__name__}: {err})") from None
-        out.append(_ArrayDataset(np.ascontiguousarray(ds.data), np.asarray(ds.targets), list(ds.classes), tf))
-    return out[0], out[1], out[0].classes
+    a = _cifar_arrays(cls, root, cfg.data.kind)
+    classes = [str(c) for c in a["classes"]]
+    return (
+        _ArrayDataset(a["xtr"], a["ytr"], classes, train_transform(cfg)),
+        _ArrayDataset(a["xva"], a["yva"], classes, val_transform(cfg)),
+        classes,
+    )
+
+
+def _cifar_arrays(cls: type, root: Path, kind: str) -> dict[str, np.ndarray]:
+    """Images (N, 32, 32, 3) uint8, labels and class names of both splits. Unpickling the
+    archive takes seconds on every rank; once it is extracted, a copy in the data cache
+    (keyed by the files' sizes and mtimes) is memory-mapped instead, shared by the ranks."""
+
+    def load() -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for split, train in (("tr", True), ("va", False)):
+            try:
+                ds = cls(str(root), train=train, download=True)
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, KeyError, ValueError) as err:
+                folder = root / cls.base_folder
+                raise DataError(f"{folder}: cannot load {kind} ({type(err).__name__}: {err})") from None
+            out[f"x{split}"], out[f"y{split}"] = np.ascontiguousarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
+            out["classes"] = np.asarray([str(c) for c in ds.classes])
+        return out
+
+    folder = root / cls.base_folder
+    names = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    try:
+        files = file_stamp([folder / n for n in names])
+    except OSError:  # not extracted yet: torchvision downloads it, the next run caches it
+        return load()
+    if not settled(files):
+        return load()
+    return cached_arrays(kind, {"kind": kind, "files": files, "format": 1}, load, mmap=True)
 
 
 # digits ---------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
 def _digits_arrays(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train/val grey images (N, size, size) uint8 and labels; the split is fixed."""
+    """Train/val grey images (N, size, size) uint8 and labels; the split is fixed. Made once
+    per machine (`trainable.datacache`): scikit-learn, seconds to import, is then not needed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        sklearn = version("scikit-learn")
+    except PackageNotFoundError:
+        sklearn = "none"
+    names = ("xtr", "ytr", "xva", "yva")
+    stamp = {"kind": "digits", "size": size, "scikit-learn": sklearn, "format": 1}
+    a = cached_arrays(f"digits-{size}px", stamp, lambda: dict(zip(names, _make_digits_arrays(size))))
+    return a["xtr"], a["ytr"], a["xva"], a["yva"]
+
+
+def _make_digits_arrays(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -7,6 +7,7 @@ cluster. Running it again with the same `--name` resumes from the last checkpoin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -32,6 +33,29 @@ def default_storage() -> str:
     return f"{root.rstrip('/')}/train" if root else DEFAULT_STORAGE
 
 
+def _quiet_worker_logs() -> None:
+    """Ray Train logs every `ray.train.report` of every worker at INFO, metrics and all,
+    through loggers named after their files (outside `ray.train`, so `LoggingConfig` does
+    not reach them): WARNING and above only."""
+    for module in ("ray.train.v2._internal.execution.context", "ray.train.collective.collectives"):
+        try:
+            spec = importlib.util.find_spec(module)
+        except ImportError:  # another Ray layout: nothing to quiet
+            continue
+        if spec is not None and spec.origin:
+            logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
+def run_worker(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs. The training loop (torch, torchvision, the data
+    stack) is imported here, on the worker: the process that builds the trainer (a search
+    trial's driver) never needs it."""
+    _quiet_worker_logs()
+    from trainable.loop import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
 def build_trainer(
     cfg: TrainConfig,
     name: str,
@@ -46,14 +70,13 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from trainable.failures import EndOnUserError
-    from trainable.loop import train_loop_per_worker
 
     d = cfg.distributed
     per_worker: dict[str, float] = {"CPU": d.cpus_per_worker}
     if d.use_gpu:
         per_worker["GPU"] = 1
     return TorchTrainer(
-        train_loop_per_worker,
+        run_worker,
         train_loop_config=cfg.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(

@@ -1,0 +1,390 @@
+"""The search's console: one line per ended trial (`search.console.TrialLines`), Ray's lines
+that look like failures when nothing failed, Ray Train's per-report dumps on workers, and
+'did you mean' hints that name real key paths."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from search.console import TrialLines, short_names
+from spaces import SpaceError, load_space
+
+SPACE = """
+experiment:
+  name: console
+  metric: val_acc
+  num_samples: 4
+  scheduler: {kind: asha, grace_period: 1, reduction_factor: 3}
+train:
+  model: {name: resnet18_vd, small_input: true}
+  data: {kind: digits, image_size: 32}
+  mix: {mode: none}
+  label_smoothing: 0.1
+  optimizer: {base_lr: 0.4}
+  batch: {global_batch: 64, micro_batch: 16}
+  distributed: {num_workers: 2}
+  run: {epochs: 3}
+search:
+  mix.mode: {choice: [none, mixup, cutmix]}
+  mix.mixup_alpha: {uniform: [0.1, 0.4], when: {mix.mode: [mixup]}}
+  label_smoothing: {uniform: [0.0, 0.2]}
+  optimizer.base_lr: {loguniform: [0.1, 1.0]}
+"""
+
+
+@pytest.fixture
+def space(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    return load_space(path)
+
+
+def fake_trial(tid: str, config: dict[str, Any], error: BaseException | None = None) -> SimpleNamespace:
+    return SimpleNamespace(
+        trial_id=tid, config=config, last_result={}, error_file=f"/x/{tid}/error.txt",
+        get_pickled_error=lambda: error, get_error=lambda: None,
+    )
+
+
+def feed(cb: TrialLines, trial: SimpleNamespace, results: list[dict[str, Any]]) -> None:
+    for r in results:
+        trial.last_result = r
+        cb.on_trial_result(0, [trial], trial, dict(r))
+
+
+def curve(*accs: float, **extra: Any) -> list[dict[str, Any]]:
+    return [{"epoch": i + 1, "val_acc": a, "val_loss": 1.0 - a, **extra} for i, a in enumerate(accs)]
+
+
+MIXUP = {"mix.mode": "mixup", "mix.mixup_alpha": 0.2271, "label_smoothing": 0.12918, "optimizer.base_lr": 0.61905}
+
+
+def test_done_trial_scores_its_last_epoch_not_its_best(space):
+    out = io.StringIO()
+    cb = TrialLines(space, stream=out)
+    t = fake_trial("aaa00001", MIXUP)
+    feed(cb, t, curve(0.50, 0.80, 0.70))
+    cb.on_trial_complete(0, [t], t)
+    line = out.getvalue()
+    assert line.count("\n") == 1
+    assert line.startswith("trial aaa00001  ")
+    assert "val_acc 0.7000" in line and "0.8000" not in line
+    assert "epochs 3/3" in line and line.rstrip().endswith("done")
+    assert "mix.mode=mixup mixup_alpha=0.227 label_smoothing=0.129 base_lr=0.619" in line
+
+
+def test_trial_stopped_by_asha(space):
+    out = io.StringIO()
+    cb = TrialLines(space, stream=out)
+    t = fake_trial("aaa00002", {"mix.mode": "none", "label_smoothing": 0.05, "optimizer.base_lr": 0.3})
+    feed(cb, t, curve(0.31))
+    cb.on_trial_complete(0, [t], t)
+    line = out.getvalue().strip()
+    assert "val_acc 0.3100" in line and "epochs 1/3" in line and line.endswith("stopped early by ASHA")
+    assert "mixup_alpha" not in line  # not sampled in this trial
+
+
+def test_diverged_trial_names_the_epoch_and_has_no_score(space):
+    out = io.StringIO()
+    cb = TrialLines(space, stream=out)
+    t = fake_trial("aaa00003", MIXUP)
+    reason = "diverged: non-finite loss at epoch 2, step 17 (update 2 of the epoch), lr 3.1; lower optimizer.base_lr"
+    feed(cb, t, [*curve(0.4), {"epoch": 2, "val_acc": 0.0, "run_status": "diverged", "error": reason}])
+    cb.on_trial_complete(0, [t], t)
+    line = out.getvalue().strip()
+    assert "val_acc -" in line and "epochs 1/3" in line
+    assert line.endswith("diverged: non-finite loss at epoch 2, step 17 (update 2 of the epoch), lr 3.1; lower optimizer.base_lr")
+
+
+def test_failed_trials_give_their_one_line_reason(space):
+    out = io.StringIO()
+    cb = TrialLines(space, stream=out)
+    user = fake_trial("aaa00004", MIXUP)  # ended at once: a config or data error
+    feed(cb, user, [{"val_acc": 0.0, "run_status": "failed", "error": "DataError: /data/x.jpg: cannot decode\nimage"}])
+    cb.on_trial_complete(0, [user], user)
+    crash = fake_trial("aaa00005", MIXUP, error=RuntimeError("first line\nworker died: OOM"))  # retries spent
+    feed(cb, crash, curve(0.2))
+    cb.on_trial_error(0, [crash], crash)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("failed: DataError: /data/x.jpg: cannot decode image") and "val_acc -" in lines[0]
+    assert "epochs 0/3" in lines[0]
+    assert lines[1].endswith("failed: RuntimeError: worker died: OOM") and "epochs 1/3" in lines[1]
+
+
+def test_error_read_from_the_local_error_files_before_storage(space, tmp_path):
+    """Tune writes a trial's error files on the driver's machine first and copies them to
+    the experiment later: the callback may run before the copy exists."""
+    from ray import cloudpickle
+
+    out = io.StringIO()
+    cb = TrialLines(space, stream=out)
+    pickled = tmp_path / "error.pkl"
+    pickled.write_bytes(cloudpickle.dumps(ValueError("bad thing\nin two lines")))
+    t = fake_trial("aaa00009", MIXUP)
+    t.pickled_error_file = str(pickled)
+    t.get_pickled_error = lambda: (_ for _ in ()).throw(FileNotFoundError("not copied yet"))
+    cb.on_trial_error(0, [t], t)
+    text = tmp_path / "error.txt"
+    text.write_text("Failure # 1 (occurred at 2026-11-30_00-18-53)\nThe actor died unexpectedly.\n"
+                    "The actor never ran - it was cancelled before it started running.\n")
+    u = fake_trial("aaa00010", MIXUP)
+    u.error_file = str(text)
+    u.get_pickled_error = lambda: (_ for _ in ()).throw(FileNotFoundError("not copied yet"))
+    cb.on_trial_error(0, [u], u)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("failed: ValueError: in two lines")
+    assert lines[1].endswith("failed: The actor never ran - it was cancelled before it started running.")
+
+
+def test_unreadable_error_points_at_the_error_file(space):
+    out = io.StringIO()
+    cb = TrialLines(space, stream=out)
+    t = fake_trial("aaa00006", MIXUP)
+    t.get_pickled_error = lambda: (_ for _ in ()).throw(OSError("gone"))
+    cb.on_trial_error(0, [t], t)
+    assert out.getvalue().strip().endswith("failed: see /x/aaa00006/error.txt")
+
+
+def test_one_line_per_trial_even_when_tune_reports_its_end_twice(space):
+    out = io.StringIO()
+    cb = TrialLines(space, stream=out)
+    t = fake_trial("aaa00007", MIXUP)
+    feed(cb, t, curve(0.5, 0.6, 0.65))
+    cb.on_trial_complete(0, [t], t)
+    cb.on_trial_complete(0, [t], t)
+    cb.on_trial_error(0, [t], t)
+    assert len(out.getvalue().splitlines()) == 1
+
+
+def test_confirmation_trial_shows_its_label_and_the_mean_over_seeds(space):
+    out = io.StringIO()
+    cb = TrialLines(space, stream=out)
+    values = {**space.base_values, "label_smoothing": 0.05}
+    t = fake_trial("bbb00001", {"entry": {"label": "candidate 1", "role": "candidate", "values": values}})
+    for rep, accs in enumerate([(0.5, 0.6, 0.90), (0.5, 0.7, 0.80), (0.4, 0.6, 0.70)]):
+        feed(cb, t, curve(*accs, repeat=rep, seed=1000 + rep))
+    cb.on_trial_complete(0, [t], t)
+    line = out.getvalue().strip()
+    assert "candidate 1: label_smoothing=0.05  " in line  # only what differs from the baseline
+    assert "val_acc 0.8000" in line and "epochs 3/3" in line and line.endswith("done (mean of 3 seeds)")
+    base = fake_trial("bbb00002", {"entry": {"label": "baseline", "role": "baseline", "values": space.base_values}})
+    feed(cb, base, curve(0.5, 0.6, 0.6))
+    cb.on_trial_complete(0, [base], base)
+    assert out.getvalue().splitlines()[1].startswith("trial bbb00002  baseline  val_acc 0.6000")
+
+
+def test_results_from_before_a_resume_come_from_the_trial(space):
+    out = io.StringIO()
+    cb = TrialLines(space, stream=out)  # a new driver: it saw none of the trial's results
+    t = fake_trial("aaa00008", MIXUP)
+    t.last_result = {"epoch": 3, "val_acc": 0.75}
+    cb.on_trial_complete(0, [t], t)
+    assert "val_acc 0.7500  epochs 3/3  done" in out.getvalue()
+
+
+def test_short_names():
+    paths = ["mix.mode", "mix.mixup_alpha", "optimizer.base_lr", "augment.randaugment.magnitude",
+             "a.x.size", "b.y.size", "model.name"]
+    assert short_names(paths) == {
+        "mix.mode": "mix.mode", "mix.mixup_alpha": "mixup_alpha", "optimizer.base_lr": "base_lr",
+        "augment.randaugment.magnitude": "magnitude", "a.x.size": "x.size", "b.y.size": "y.size",
+        "model.name": "model.name",
+    }
+
+
+@pytest.mark.slow
+def test_lines_from_a_real_tuner_with_asha(ray_address, tmp_path, space, capsys):
+    """Tune's own Trial objects and hooks: an ASHA-stopped trial, a finished one."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    curves = {"mixup": [0.2, 0.3, 0.35], "none": [0.6, 0.8, 0.75]}
+
+    def trainable(config: dict[str, Any]) -> None:
+        for i, acc in enumerate(curves[config["mix.mode"]]):
+            tune.report({"epoch": i + 1, "val_acc": acc})
+
+    out = io.StringIO()
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"mix.mode": tune.grid_search(["none", "mixup"]), "label_smoothing": 0.1},
+        tune_config=tune.TuneConfig(
+            scheduler=ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=3, grace_period=1,
+                                    reduction_factor=2),
+            max_concurrent_trials=1,
+        ),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="lines", callbacks=[TrialLines(space, out)],
+                                  verbose=0),
+    )
+    tuner.fit()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    done = next(ln for ln in lines if "mix.mode=none" in ln)
+    stopped = next(ln for ln in lines if "mix.mode=mixup" in ln)
+    assert "val_acc 0.7500  epochs 3/3  done" in done
+    assert "val_acc 0.2000  epochs 1/3  stopped early by ASHA" in stopped
+
+
+# Ray's console --------------------------------------------------------------------------------------
+def test_quiet_ray_console_drops_only_the_default_token_warning(monkeypatch):
+    from trainable.cluster import QUIET_WORKER_LINES, SKIP_LINES_ENV, quiet_ray_console
+
+    monkeypatch.delenv(SKIP_LINES_ENV, raising=False)
+    quiet_ray_console()
+    quiet_ray_console()  # twice is harmless
+    assert os.environ[SKIP_LINES_ENV] == QUIET_WORKER_LINES
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+
+    def kept(msg: str) -> bool:
+        rec = log.makeRecord(log.name, logging.WARNING, __file__, 1, msg, (), None)
+        return log.filter(rec)
+
+    assert not kept("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
+    assert kept("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+    assert len([f for f in log.filters if type(f).__name__ == "_DropMessages"]) == 1
+
+
+def test_lines_that_look_like_failures_are_dropped_and_nothing_else():
+    """The exact lines Ray 2.60 prints for every trial of a search where nothing failed."""
+    from ray._private.ray_logging import LogDeduplicator
+
+    from trainable.cluster import QUIET_WORKER_LINES
+
+    noise = [
+        ("[2026-11-29 23:23:42,375 E 3047 3103] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+         "and ID: 'bc230c28592618b9a561028f01000000' has constructor arguments in the object store and "
+         "max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor restart "
+         "will fail. See https://github.com/ray-project/ray/issues/53727 for more details."),
+        ("Detected that the Ray Train controller actor (436118b7b35968db389ae9ac01000000) is dead. Cleaning up "
+         "placement group = [PlacementGroupID(3d96fc033ab64d84574c0cc81c1b01000000)] created by this run."),
+        ("WARNING: 8 PYTHON worker processes have been started on node: 3b66fba6 with address: 192.0.2.2, which is "
+         "4x the maximum expected startup concurrency (2)."),
+    ]
+    kept = [
+        noise[0].replace("PreemptionWatcher", "MyActor"),
+        "Detected that the placement group is gone",
+        "epoch 1/3 val_acc 0.5",
+        "ValueError: a real failure",
+    ]
+    dedup = LogDeduplicator(5, None, QUIET_WORKER_LINES)
+    out = dedup.deduplicate({"ip": "1", "pid": 2, "lines": [*noise, *kept]})
+    printed = [ln for batch in out for ln in batch["lines"]]
+    assert printed == kept
+
+
+def test_quiet_ray_console_reaches_a_driver_that_imported_ray_already(monkeypatch):
+    import ray._private.ray_logging as rl
+
+    from trainable.cluster import QUIET_WORKER_LINES, SKIP_LINES_ENV, quiet_ray_console
+
+    monkeypatch.setattr(rl.stderr_deduplicator, "skip_re", None)
+    monkeypatch.setattr(rl.stdout_deduplicator, "skip_re", None)
+    monkeypatch.delenv(SKIP_LINES_ENV, raising=False)
+    quiet_ray_console()
+    assert rl.stderr_deduplicator.skip_re.pattern == QUIET_WORKER_LINES
+    mine = re.compile("mine")
+    monkeypatch.setattr(rl.stderr_deduplicator, "skip_re", mine)
+    quiet_ray_console()
+    assert rl.stderr_deduplicator.skip_re is mine  # a user's own pattern is left alone
+
+
+def test_worker_reports_are_not_logged_at_info(monkeypatch):
+    """Ray Train logs each report (metrics and all) through a logger named by its file."""
+    import ray.train.v2._internal.execution.context as ctx
+
+    from trainable.train import _quiet_worker_logs
+
+    logger = logging.getLogger(ctx.__file__)
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    assert ctx.logger is logger and logger.isEnabledFor(logging.INFO) == logging.getLogger().isEnabledFor(logging.INFO)
+    _quiet_worker_logs()
+    assert not logger.isEnabledFor(logging.INFO) and logger.isEnabledFor(logging.WARNING)
+
+
+def test_building_a_trainer_imports_no_training_loop():
+    """A search trial's driver builds the TorchTrainer; torchvision and the loop are the
+    workers' business (seconds of imports per trial otherwise)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from trainable.config import TrainConfig\n"
+        "from trainable.train import build_trainer\n"
+        "t = build_trainer(TrainConfig.model_validate({'data': {'kind': 'digits'}}), 'x', sys.argv[1])\n"
+        "bad = [m for m in ('torchvision', 'trainable.loop', 'trainable.data', 'sklearn') if m in sys.modules]\n"
+        "print('LOADED', bad)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code, "/tmp/unused"], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert "LOADED []" in out.stdout, out.stdout + out.stderr
+
+
+# 'did you mean' ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override, expected, wrong",
+    [
+        ("train.model.name=resnet50vd", "did you mean 'resnet50_vd'?", "train.resnet50_vd"),  # a model, not a key
+        ("train.model.name=resnet18d", "did you mean 'resnet18_vd'?", "train.resnet18_vd"),
+        ("train.mix.mdoe=cutmix", "did you mean 'train.mix.mode'?", None),
+        ("train.modle.name=resnet18_vd", "did you mean 'train.model'?", None),
+        ("train.label_smothing=0.1", "did you mean 'train.label_smoothing'?", None),
+    ],
+)
+def test_hints_name_real_key_paths_or_values(tmp_path, override, expected, wrong):
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    with pytest.raises(SpaceError) as err:
+        load_space(path, [override])
+    msg = str(err.value)
+    assert expected in msg and "\n" not in msg
+    if wrong:
+        assert wrong not in msg
+    hint = re.search(r"did you mean '([^']+)'", msg)[1]
+    if hint.startswith("train."):  # a key path: it must exist
+        from trainable.config import LEAF_PATHS
+
+        key = hint.removeprefix("train.")
+        assert key in LEAF_PATHS or any(p.startswith(key + ".") for p in LEAF_PATHS)
+
+
+# Ray settings for short runs ---------------------------------------------------------------------------
+def test_connect_hands_ray_settings_to_a_joined_cluster_and_keeps_the_users(monkeypatch):
+    import ray
+
+    from trainable import cluster
+
+    calls: list[dict[str, Any]] = []
+
+    def init(**kwargs: Any) -> None:
+        calls.append(kwargs)
+        if kwargs.get("address") == "auto":
+            raise ConnectionError("no cluster here")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key in cluster.RAY_SETTINGS:
+        monkeypatch.delenv(key, raising=False)
+    assert cluster.RAY_SETTINGS["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    cluster.connect()
+    for key, value in cluster.RAY_SETTINGS.items():
+        assert os.environ[key] == value  # a new local instance inherits them
+    assert calls[0]["runtime_env"] == {"env_vars": dict(cluster.RAY_SETTINGS)}  # a cluster joined gets them
+    assert "runtime_env" not in calls[1]  # the new local instance
+    calls.clear()
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    cluster.connect("local", runtime_env={"env_vars": {"A": "1"}, "pip": ["x"]})
+    assert calls[0]["runtime_env"]["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"  # the user's value
+    assert calls[0]["runtime_env"]["env_vars"]["A"] == "1" and calls[0]["runtime_env"]["pip"] == ["x"]
