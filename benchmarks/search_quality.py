@@ -100,11 +100,11 @@ def brute_force(work: Path, procs: int) -> dict[str, list[float]]:
     return {k: [v[str(s)] for s in TRUTH_SEEDS] for k, v in truth.items()}
 
 
-def run_pipeline(work: Path, schedule: str, samples: int, seed: int) -> dict[str, Any]:
+def run_pipeline(work: Path, schedule: str, samples: int, seed: int, address: str = "local") -> dict[str, Any]:
     name = f"q-{schedule}-{samples}-{seed}"
     exp = work / "experiments" / name
     if not (exp / "report" / "report.json").exists():
-        cmd = [sys.executable, "-m", "search.run", "--address", "local", "--storage-path", str(work / "experiments"),
+        cmd = [sys.executable, "-m", "search.run", "--address", address, "--storage-path", str(work / "experiments"),
                "--name", name, *(a for s in space_overrides(schedule, samples, seed) for a in ("--set", s))]
         if exp.exists():
             cmd.append("--resume")
@@ -128,6 +128,10 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2, help="processes for the brute force")
     p.add_argument("--work", default=str(Path.home() / "trick-search-bench" / "quality"))
     p.add_argument("--brute-only", action="store_true")
+    p.add_argument("--address", default="local",
+                   help="Ray cluster for the pipeline runs (default: a new local one per run; never run two "
+                        "benchmarks with their own local instances side by side: Ray Train's clean-up of "
+                        "stopped trials fails when a machine has several Ray instances)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -147,7 +151,7 @@ def main() -> None:
     brute_epochs = len(truth) * len(TRUTH_SEEDS) * 5
     right, used, taus = 0, [], []
     for r in range(args.repeats):
-        rep = run_pipeline(work, args.schedule, args.samples, r)
+        rep = run_pipeline(work, args.schedule, args.samples, r, args.address)
         win = key(rep["winner"]["config"])
         gap = means[best] - means[win]
         diff = paired_difference(truth[best], truth[win])
