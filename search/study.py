@@ -223,7 +223,7 @@ def abandon_orphans(study: optuna.Study, known: Collection[str]) -> list[int]:
     return numbers
 
 
-def record_phase(db_path: str, name: str, phase: str, measured: list[Any]) -> None:
+def record_phase(db_path: str, name: str, phase: str, measured: list[Any], mode: str = "max") -> None:
     """Keep a phase's configs (`search.confirm.Measured`) in the study file as their own
     study `<name>.<phase>`, one COMPLETE trial per config (its mean over seeds) with the
     per-seed values, apart from the search's study so the sampler never sees them."""
@@ -233,7 +233,8 @@ def record_phase(db_path: str, name: str, phase: str, measured: list[Any]) -> No
         optuna.delete_study(study_name=study_name, storage=storage)
     except KeyError:
         pass
-    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize")
+    study = optuna.create_study(study_name=study_name, storage=storage,
+                                direction="maximize" if mode == "max" else "minimize")
     for m in measured:
         if not m.values:
             continue
