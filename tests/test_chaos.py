@@ -36,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 NUM_SAMPLES, EPOCHS = 4, 2
 SETS = [
-    "train.data.subset=0.2",
+    "train.data.subset=1.0",  # trials long enough for a kill in each phase of the search
     "train.data.image_size=16",
     f"train.run.epochs={EPOCHS}",
     f"experiment.num_samples={NUM_SAMPLES}",
