@@ -135,7 +135,7 @@ def _bare_trial(config: dict[str, Any], workers: int, cpus_per_worker: float, ru
 def run_bare(
     args: argparse.Namespace, storage: str, name: str, workers: int, cpus: float
 ) -> tuple[list[dict[str, Any]], float]:
-    from search.run import DRIVER_MEMORY
+    from search.phases.trial import DRIVER_MEMORY
 
     timer = TrialTimer()
     trainable = tune.with_resources(
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
 
-    from search.run import trial_resources
+    from search.phases.trial import trial_resources
     from spaces import QUICKSTART, load_space
 
     space = load_space(QUICKSTART, our_overrides(args))

@@ -66,7 +66,7 @@ def train_one(args: tuple[str, int]) -> tuple[str, int, float]:
     """One full-budget run of a combination on one seed, in this process (1 thread)."""
     import torch
 
-    from search.experiment import Experiment  # noqa: F401  (the project on the path)
+    from search.experiment.folder import Experiment  # noqa: F401  (the project on the path)
     from spaces import QUICKSTART, load_space
     from trainable.loop import run_training
 
@@ -136,7 +136,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    from search.stats import paired_difference, summarise_values
+    from search.answer.stats import paired_difference, summarise_values
 
     truth = brute_force(work, args.procs)
     means = {k: sum(v) / len(v) for k, v in truth.items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,7 +15,10 @@ from typing import Any
 
 import yaml
 
-from search.experiment import SEARCH_INFO, Experiment, finished, read_results, recorded_space, summarise
+from search.answer.build import build_answer
+from search.answer.stats import accuracy_step, prediction_interval
+from search.experiment.folder import open_experiment, recorded_space
+from search.experiment.trials import finished, read_results, summarise
 from trainable.config import ConfigError, TrainConfig
 from trainable.config_io import write_atomic
 
@@ -53,29 +57,46 @@ def _git_commit() -> str | None:
         return None
 
 
-def _open(experiment: str) -> Experiment:
-    exp = Experiment.at(experiment)
-    try:
-        if not exp.store.exists():
-            raise ConfigError(f"--experiment {experiment}: no such folder")
-        if not exp.exists():
-            raise ConfigError(f"--experiment {experiment}: not an experiment of this tool (no {SEARCH_INFO})")
-    except OSError as err:  # an unreachable bucket, missing credentials
-        raise ConfigError(f"--experiment {experiment}: cannot read it ({str(err).splitlines()[0]})") from None
-    return exp
+def verify_rule(
+    confirmed: list[float], fresh: list[float], floor: float = 0.0, bounds: tuple[float, float] = (-math.inf, math.inf),
+) -> tuple[bool, tuple[float, float]]:
+    """Whether the mean of the `fresh` seeds lies inside the 95% prediction interval of a mean of
+    that many seeds from the `confirmed` values (`search.answer.stats.prediction_interval`): a
+    config that did not change fails it in 5% of runs. Returns (inside, interval)."""
+    fresh_f = [v for v in fresh if math.isfinite(v)]
+    lo, hi = prediction_interval(confirmed, max(len(fresh_f), 1), floor=floor, bounds=bounds)
+    if not fresh_f or len(fresh_f) < len(fresh):
+        return False, (lo, hi)
+    mean = sum(fresh_f) / len(fresh_f)
+    return lo <= mean <= hi, (lo, hi)
 
 
-def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None) -> Exported:
+def not_final_reason(answer: dict[str, Any]) -> str | None:
+    """Why an answer is not final (None when it is): the search, confirmation or ablation still
+    running, or an unconfirmed verdict with its reason."""
+    if answer["state"] != "finished":
+        return f"the experiment is still {answer['state']}, so its verdict can still change"
+    if answer["verdict"] == "unconfirmed":
+        return f"the verdict is unconfirmed ({answer.get('verdict_reason') or 'no confirmation'})"
+    return None
+
+
+def export_trial(
+    experiment: str, rank: int = 1, num_workers: int | None = None, allow_unconfirmed: bool = False,
+) -> Exported:
     """The confirmed winner (rank 1), or the `rank`-th config of the confirmation table by
     mean; without a confirmation, the `rank`-th search trial by score (marked unconfirmed).
+    An answer that is not final (`not_final_reason`) is refused unless `allow_unconfirmed`.
     The search budget is replaced by the space's `production` section (`Space.production_config`)."""
-    from search.answer import build_answer
-
-    exp = _open(experiment)
+    exp = open_experiment(experiment)
     if rank < 1:
         raise ConfigError(f"--rank {rank}: must be >= 1")
     space, info = recorded_space(exp)
     answer = build_answer(exp, space)
+    why = not_final_reason(answer)
+    if why and not allow_unconfirmed:
+        raise ConfigError(f"--experiment {experiment}: not a final answer: {why}; "
+                          "pass --allow-unconfirmed to export it anyway")
     confirmed = [c for c in answer["confirm"] if c.get("status") == "done" and c.get("mean") is not None]
     sign = 1.0 if space.experiment.mode == "max" else -1.0
     if confirmed and answer["winner"] and answer["winner"].get("role") in ("candidate", "baseline"):
@@ -92,6 +113,10 @@ def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None)
             "seeds": chosen["seeds"], "values": chosen["values"], "search_trial": chosen.get("search_trial"),
             "changed": chosen["changed"],
         }
+        if why:
+            evidence["verdict"] = f"unconfirmed ({why})"
+        if space.experiment.metric.startswith("val_acc"):
+            evidence["spread_floor"] = accuracy_step([v for c in confirmed for v in c["values"]]) or 0.0
     else:
         rows = finished(summarise(read_results(exp.path), space))
         if not rows:
@@ -127,13 +152,14 @@ def export_trial(experiment: str, rank: int = 1, num_workers: int | None = None)
 
 def verify(experiment: str, exported: Exported, seeds: int, address: str | None = None) -> tuple[bool, str]:
     """Train the exported config at the confirmation budget on `seeds` fresh seeds and say
-    whether their mean lies inside the confirmed 95% CI: (inside, one line with both)."""
+    whether their mean lies inside the 95% prediction interval of the confirmed values
+    (`verify_rule`): (inside, one line with both)."""
     import time
 
     from trainable.cluster import connect
     from trainable.train import build_trainer
 
-    exp = _open(experiment)
+    exp = open_experiment(experiment)
     space, _ = recorded_space(exp)
     prov = exported.provenance
     if not prov.get("ci95"):
@@ -152,11 +178,11 @@ def verify(experiment: str, exported: Exported, seeds: int, address: str | None 
     if len(last) < seeds:
         raise ConfigError(f"--verify: only {len(last)} of {seeds} runs finished (see {exp.path}/verify/{name})")
     mean = float(last.mean())
-    lo, hi = prov["ci95"]
-    inside = lo <= mean <= hi
+    bounds = (0.0, 1.0) if metric.startswith("val_acc") else (-math.inf, math.inf)
+    inside, (lo, hi) = verify_rule(list(prov["values"]), [float(v) for v in last], prov.get("spread_floor", 0.0), bounds)
     line = (f"verify: {metric} {mean:.4f} over seeds {[int(s) for s in last.index]} "
-            f"({', '.join(f'{v:.4f}' for v in last)}) {'inside' if inside else 'outside'} the confirmed 95% CI "
-            f"[{lo:.4f}, {hi:.4f}] (mean {prov['mean']:.4f})")
+            f"({', '.join(f'{v:.4f}' for v in last)}) {'inside' if inside else 'outside'} the 95% prediction "
+            f"interval [{lo:.4f}, {hi:.4f}] of {len(last)} fresh seeds (confirmed mean {prov['mean']:.4f})")
     return inside, line
 
 
@@ -169,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="export the K-th config of the confirmation table (default 1: the answer)")
     p.add_argument("--verify", type=int, nargs="?", const=2, metavar="SEEDS",
                    help="then train it at the confirmation budget on SEEDS fresh seeds (default 2) and "
-                        "check the mean lies in the confirmed CI (exit 0 inside, 1 outside)")
+                        "check their mean lies in the confirmed values' 95% prediction interval "
+                        "(exit 0 inside, 1 outside)")
+    p.add_argument("--allow-unconfirmed", action="store_true",
+                   help="export an answer that is not final (still running, or an unconfirmed verdict)")
     p.add_argument("--address", help="Ray cluster address for --verify (default: the one running here, or a new one)")
     args = p.parse_args(argv)
     try:
@@ -182,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         for flag, value in (("--rank", args.rank), ("--num-workers", args.num_workers), ("--verify", args.verify)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} {value}: must be >= 1")
-        exported = export_trial(args.experiment, args.rank, args.num_workers)
+        exported = export_trial(args.experiment, args.rank, args.num_workers, args.allow_unconfirmed)
         if args.verify and not exported.provenance.get("ci95"):
             raise ConfigError("--verify: the exported config has no confirmed interval to check (unconfirmed answer)")
         write_atomic(args.out, exported.to_yaml())

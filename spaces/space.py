@@ -208,6 +208,34 @@ class Space(BaseModel):
                     out[root].append(path)
         return out
 
+    @property
+    def confirm_seeds(self) -> list[int]:
+        """The seeds of the confirmation and the ablation (paired: the same for every config),
+        apart from the search's seed; [] without a confirmation."""
+        c = self.experiment.confirm
+        return [c.first_seed + i for i in range(c.seeds)] if c else []
+
+    def full_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Every searched key's value in a trial: sampled, or the base value where not sampled."""
+        return {**self.base_values, **{k: v for k, v in values.items() if k in self.search}}
+
+    def active_values(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The searched keys a config with these (full) values uses, with their values: a key
+        under `when` is left out when its condition does not hold (cutmix_alpha in a mixup
+        config), as the sampler would not have drawn it."""
+        base, used = self.base_values, {}
+        for path in self.searched_paths:
+            if self.search[path].active(used):
+                used[path] = values.get(path, base[path])
+        return used
+
+    def changed_tricks(self, values: Mapping[str, Any]) -> list[str]:
+        """The tricks (searched keys without `when`, with their children) whose value differs
+        from the base in `values` (full values)."""
+        base = self.base_values
+        return [t for t, children in self.tricks.items()
+                if any(values.get(k, base[k]) != base[k] for k in (t, *children))]
+
     def _roots(self, path: str) -> list[str]:
         when = self.search[path].when
         if not when:
@@ -229,12 +257,16 @@ class Space(BaseModel):
             cfg = validate_config(data, f"{self.source} (rung schedule)")
         return cfg
 
-    def confirm_config(self, values: Mapping[str, Any]) -> TrainConfig:
-        """A confirmation run's config: the values on the base, trained on the confirmation
-        seeds one after another (`run.repeats`), one cosine over the whole run."""
+    def confirm_config(self, values: Mapping[str, Any], seed: int | None = None) -> TrainConfig:
+        """A confirmation run's config: the values on the base, one cosine over the whole run,
+        trained on `seed`, or without one on every confirmation seed one after another
+        (`run.repeats`)."""
         c = self.experiment.confirm or ConfirmSettings(seeds=1)
         data = self.config_for(values).model_dump()
-        data["run"]["seed"], data["run"]["repeats"] = c.first_seed, c.seeds
+        if seed is None:
+            data["run"]["seed"], data["run"]["repeats"] = c.first_seed, c.seeds
+        else:
+            data["run"]["seed"], data["run"]["repeats"] = seed, 1
         return validate_config(data, f"{self.source} (confirmation)")
 
     def production_config(self, cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:

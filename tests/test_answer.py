@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from search.answer import NO_GAIN, TIE, UNCONFIRMED, WINNER, build_answer, decide
-from search.confirm import ABLATE, CONFIRM, Entry, Measured, ablation_plan, confirm_plan, read_phase
-from search.experiment import TrialRow, experiment_for, record_space, summarise
-from search.run import make_scheduler, run_confirmation, run_trial
-from search.schedulers import AuditLog, read_audit
-from search.study import AUDITED, load_study, make_searcher
+from search.answer.build import build_answer
+from search.answer.decide import NO_GAIN, TIE, UNCONFIRMED, WINNER, decide
+from search.experiment.phases import ABLATE, CONFIRM, Entry, Measured, read_phase
+from search.phases.confirm import ablation_plan, confirm_plan
+from search.experiment.folder import experiment_for, record_space
+from search.experiment.trials import TrialRow, summarise
+from search.phases.schedulers import make_scheduler
+from search.phases.trial import run_trial
+from search.run import run_confirmation
+from search.experiment.audit import AuditLog, read_audit
+from search.experiment.study import AUDITED, load_study, make_searcher
 from spaces import QUICKSTART, load_space
 
 EPOCHS = 4

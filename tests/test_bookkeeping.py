@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from search.run import make_scheduler
-from search.study import TUNE_TRIAL_ID, load_study, make_searcher
+from search.phases.schedulers import make_scheduler
+from search.experiment.study import DUPLICATE_OF, DUPLICATE_RETRIES, DUPLICATES, TUNE_TRIAL_ID, load_study, make_searcher
 from spaces import QUICKSTART, load_space
 
 EPOCHS = 4
@@ -72,14 +72,21 @@ def searched(ray_address, tmp_path_factory):
 def test_every_tune_trial_is_one_optuna_trial(searched):
     space, grid, study = searched
     tune_ids = sorted(r.metrics["trial_id"] for r in grid)
-    study_ids = sorted(t.user_attrs[TUNE_TRIAL_ID] for t in study.trials)
+    study_ids = sorted(t.user_attrs[TUNE_TRIAL_ID] for t in study.trials if DUPLICATE_OF not in t.user_attrs)
     assert len(tune_ids) == space.experiment.num_samples
     assert study_ids == tune_ids
+    # proposals identical to an earlier trial were not trained: FAIL, counted, never a Tune trial
+    duplicates = [t for t in study.trials if DUPLICATE_OF in t.user_attrs]
+    assert all(t.state == TrialState.FAIL and TUNE_TRIAL_ID not in t.user_attrs for t in duplicates)
+    assert study.user_attrs.get(DUPLICATES, 0) == len(duplicates)
+    # two values of one key, six trials: both are trained before any duplicate, which is
+    # trained only once the sampler proposed nothing else DUPLICATE_RETRIES times over
+    assert len(duplicates) >= DUPLICATE_RETRIES
 
 
 def test_stopped_trials_are_pruned_and_finished_ones_complete_with_their_last_value(searched):
     _, grid, study = searched
-    by_tune = {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.trials}
+    by_tune = {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.trials if TUNE_TRIAL_ID in t.user_attrs}
     states = set()
     for r in grid:
         t = by_tune[r.metrics["trial_id"]]

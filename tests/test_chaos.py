@@ -21,15 +21,9 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from search.experiment import (
-    SEARCH_INFO,
-    Experiment,
-    format_table,
-    read_results,
-    recorded_space,
-    summarise,
-)
-from search.study import ABANDONED, TUNE_TRIAL_ID, load_study
+from search.experiment.folder import SEARCH_INFO, Experiment, recorded_space
+from search.experiment.trials import format_table, read_results, summarise
+from search.experiment.study import ABANDONED, TUNE_TRIAL_ID, load_study
 from tests.conftest import PYTHON, ROOT, cli_env
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from search.console import TrialLines, short_names
+from search.phases.console import TrialLines, short_names
 from spaces import SpaceError, load_space
 
 SPACE = """
@@ -388,3 +388,187 @@ def test_connect_hands_ray_settings_to_a_joined_cluster_and_keeps_the_users(monk
     cluster.connect("local", runtime_env={"env_vars": {"A": "1"}, "pip": ["x"]})
     assert calls[0]["runtime_env"]["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"  # the user's value
     assert calls[0]["runtime_env"]["env_vars"]["A"] == "1" and calls[0]["runtime_env"]["pip"] == ["x"]
+
+
+# The console for people: header, progress per phase, trial lines, summaries, answer ------------------------
+def _rendered(text: str) -> list[str]:
+    """The lines a terminal shows after `text`: a status line redrawn in place (`\\r`, erase)
+    leaves only its last state, or nothing once erased."""
+    out = []
+    for raw in text.split("\n"):
+        shown = raw.rsplit("\r", 1)[-1].replace("\x1b[K", "")
+        out.append(shown)
+    while out and out[-1] == "":
+        out.pop()
+    return out
+
+
+class FakeTrial(SimpleNamespace):
+    pass
+
+
+def _trials(states: list[str], phase: str = "console") -> list[FakeTrial]:
+    return [FakeTrial(trial_id=f"t{i}", status=s, config={"label_smoothing": 0.1}, last_result={},
+                      experiment_dir_name=phase) for i, s in enumerate(states)]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_eta_from_the_trial_times_measured_so_far():
+    from search.phases.console import clock_time, eta_seconds
+
+    assert eta_seconds([], [5.0], 3, 2) is None  # nothing measured yet
+    # 2 at a time, trials of 60 s on average: 3 to go (180 s of work) and one running for 20 s (40 s left)
+    assert eta_seconds([40.0, 80.0], [20.0], 3, 2) == pytest.approx((180 + 40) / 2)
+    assert eta_seconds([40.0], [90.0], 0, 1) == 0.0  # a running trial past the mean: nothing more counted
+    assert clock_time(65) == "1:05" and clock_time(3725) == "1:02:05" and clock_time(-3) == "0:00"
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_of_a_phase(space, tty):
+    from search.phases.console import PhaseProgress
+
+    out, clock = io.StringIO(), Clock()
+    cb = PhaseProgress(space, stream=out, tty=tty, interval=60.0, clock=clock)
+    cb.setup(total_num_samples=4)
+    trials = _trials(["RUNNING", "RUNNING"])
+    for t in trials:
+        cb.on_trial_start(0, trials, t)
+    clock.now += 30
+    cb.on_step_end(0, trials)
+    trials[0].status = "TERMINATED"
+    feed(cb, trials[0], curve(0.5, 0.6, 0.7))
+    cb.on_trial_complete(0, trials, trials[0])  # measured: 30 s
+    trials.append(FakeTrial(trial_id="t2", status="RUNNING", config={}, last_result={}, experiment_dir_name="console"))
+    cb.on_trial_start(0, trials, trials[2])
+    clock.now += 61
+    cb.on_step_end(0, trials)
+    status = cb.status(trials)
+    # 1 done, 2 running (t1 for 91 s, past the 30 s mean; t2 for 61 s), 1 to go: 30 s of work on 2 slots
+    assert "1/4 done, 2 running, 1 to go, 1:31 elapsed, ETA 0:15" in status
+    for t in trials[1:]:
+        t.status = "TERMINATED"
+        feed(cb, t, curve(0.4))
+        cb.on_trial_complete(0, trials, t)
+    cb.on_experiment_end(trials)
+    shown = _rendered(out.getvalue())
+    assert shown[0] == "search: 4 trials"
+    assert shown[-1] == ("search ended after 1:31: 3 trials, 1 ran all their epochs, 2 stopped early by ASHA; "
+                         "best val_acc 0.7000 (trial t0)")
+    if tty:  # the bar was redrawn in place and erased at the end
+        assert len(shown) == 2 and "search [" in out.getvalue() and "ETA after the first trial" in out.getvalue()
+    else:  # one plain line a minute
+        assert shown[1:-1] == ["search: 1/4 done, 2 running, 1 to go, 1:31 elapsed, ETA 0:15"]
+        assert "\r" not in out.getvalue()
+
+
+def test_trial_lines_go_above_the_status_line(space):
+    from search.phases.console import LIVE, PhaseProgress
+
+    out = io.StringIO()
+    progress = PhaseProgress(space, stream=out, tty=True, clock=Clock())
+    lines = TrialLines(space, stream=out)
+    progress.setup(total_num_samples=2)
+    trials = _trials(["RUNNING", "RUNNING"])
+    progress.on_trial_start(0, trials, trials[0])
+    feed(lines, trials[0], curve(0.5, 0.6, 0.7))
+    trials[0].status = "TERMINATED"
+    lines.on_trial_complete(0, trials, trials[0])
+    text = out.getvalue()
+    assert text.endswith(LIVE.text) and LIVE.text.startswith("search [")  # redrawn under the trial's line
+    assert _rendered(text)[:2] == ["search: 2 trials", "trial t0  label_smoothing=0.1  val_acc 0.7000  epochs 3/3  done"]
+    progress.on_experiment_end(trials)
+    assert LIVE.text == ""
+
+
+def _console_launch(cfg, name: str, runs_path: str) -> None:
+    """A fake run: a curve rising to a final val_acc that mixup and smoothing raise, per seed."""
+    from ray import tune
+
+    final = 0.8 + 0.05 * (cfg.mix.mode == "mixup") + 0.3 * cfg.label_smoothing + 0.002 * (cfg.run.seed % 3)
+    for repeat in range(cfg.run.repeats):
+        for epoch in range(1, cfg.run.epochs + 1):
+            tune.report({"epoch": epoch, "val_acc": final * epoch / cfg.run.epochs,
+                         "seed": cfg.run.seed + repeat, "repeat": repeat})
+
+
+def _run_console(space, exp, sets, callbacks) -> SimpleNamespace:
+    """The CLI's path through the phases with the fake run: search, confirmation, ablation, answer."""
+    from ray import tune
+
+    from search.experiment.folder import record_space
+    from search.experiment.study import make_searcher
+    from search.experiment.trials import summarise
+    from search.phases.console import ray_verbosity
+    from search.phases.schedulers import make_scheduler
+    from search.phases.trial import run_trial
+    from search.run import run_confirmation, write_answer
+
+    record_space(exp, space, sets)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(run_trial, space=space, runs_path=exp.runs, launch=_console_launch),
+                            {"CPU": 0, "memory": 2**20}),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(space, exp.study_db), scheduler=make_scheduler(space, exp),
+                                    num_samples=space.experiment.num_samples, max_concurrent_trials=2),
+        run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage, verbose=ray_verbosity(callbacks),
+                                  callbacks=[TrialLines(space), *callbacks]),
+    )
+    rows = summarise(tuner.fit(), space)
+    run_confirmation(space, exp, rows, concurrent=2, callbacks=callbacks, launch=_console_launch)
+    return SimpleNamespace(rows=rows, answer=write_answer(exp, space))
+
+
+@pytest.mark.slow
+def test_the_whole_console_of_a_quickstart_shaped_search(ray_address, tmp_path, capsys):
+    """The quickstart's shape (10 trials, ASHA, 2 candidates and the baseline on 3 seeds, an
+    ablation) with a fake run: the console is the header, each phase's title, one line per
+    ended trial, its progress and summary, and the answer; nothing of Ray's, at most 80
+    lines. The terminal's bar is checked on a second stream fed by the same Tune runs."""
+    from search.experiment.folder import experiment_for
+    from search.phases.console import LIVE, PhaseProgress, answer_block, configure_console, header
+    from spaces import QUICKSTART
+
+    sets = [f"experiment.storage_path={tmp_path}", "experiment.name=console", "train.run.epochs=4",
+            "experiment.sampler={kind: random, seed: 1}", "search.batch.global_batch=null"]
+    space = load_space(QUICKSTART, sets)
+    exp = experiment_for(space)
+    configure_console(verbose=False)
+    tty = io.StringIO()
+    plain = PhaseProgress(space, tty=False, interval=2.0)  # on stdout, as the CLI's
+    bar = PhaseProgress(space, stream=tty, tty=True)
+    print(header(space, exp))
+    outcome = _run_console(space, exp, sets, [plain, bar])
+    print(answer_block(outcome.answer, exp))
+    console = capsys.readouterr().out
+    lines = console.splitlines()
+    assert len(lines) <= 80, console
+    assert lines[0].startswith("experiment: console") and f"tensorboard --logdir {exp.path}" in console
+    assert f"optuna-dashboard sqlite:///{exp.study_db}" in console
+    seeds = len(space.confirm_seeds)
+    n_confirm = seeds * (space.experiment.confirm.top_k + 1)
+    trial_lines = [ln for ln in lines if ln.startswith("trial ")]
+    assert len([ln for ln in trial_lines if " seed " not in ln]) == space.experiment.num_samples  # every search trial
+    assert len([ln for ln in trial_lines if ("candidate" in ln or "baseline" in ln) and " seed " in ln]) == n_confirm
+    for phase, n in (("search", space.experiment.num_samples), ("confirmation", n_confirm)):
+        assert f"{phase}: {n} {'trials' if phase == 'search' else 'runs'}" in lines
+        assert any(ln.startswith(f"{phase} ended after ") for ln in lines)
+        assert any(re.match(rf"{phase}: \d+/{n} done, \d+ running, \d+ to go, \d+:\d\d elapsed, ETA ", ln)
+                   for ln in lines), phase
+    assert any(ln.startswith("answer: ") for ln in lines)
+    assert lines[-1].startswith("export it:")
+    # nothing of Ray's or of libraries: no tables, config boxes, result dicts or stray lines
+    known = ("experiment:", "space:", "results:", "watch:", "study:", "trial ", "search", "confirmation",
+             "ablation", "answer:", "  ", "report:", "export it:")
+    assert [ln for ln in lines if not ln.startswith(known)] == []
+    assert not re.search(r"╭|│|\+-{3,}|Trial status|'trick': |View detailed results|fontManager", console)
+    # the terminal: the bar was drawn per phase and erased; what stays is the same lines
+    assert "confirmation [" in tty.getvalue() and LIVE.text == ""
+    shown = _rendered(tty.getvalue())
+    assert [ln for ln in shown if not ln.startswith(("search", "confirmation", "ablation"))] == []
+    assert [ln for ln in shown if " ended after " in ln] == [ln for ln in lines if " ended after " in ln]

@@ -10,18 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from search.experiment import (
-    SEARCH_INFO,
-    SPACE_COPY,
-    Experiment,
-    experiment_for,
-    finished,
-    format_table,
-    read_results,
-    record_space,
-    recorded_space,
-    summarise,
-)
+from search.experiment.folder import SEARCH_INFO, SPACE_COPY, Experiment, experiment_for, record_space, recorded_space
+from search.experiment.trials import finished, format_table, read_results, summarise
 from spaces import QUICKSTART, load_space
 from tests.conftest import PYTHON, ROOT, cli_env
 from trainable.config import ConfigError
@@ -196,7 +186,7 @@ def test_experiment_folder_and_recorded_space(tmp_path):
 def test_search_modules_import_no_torch():
     code = (
         "import sys\n"
-        "import search.run, search.experiment, search.export, search.sampling\n"
+        "import search.run, search.report, search.export, search.experiment.folder, search.experiment.sampling\n"
         "import trainable.cluster, trainable.storage, trainable.train\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not bad, bad[:5]\n"

@@ -17,10 +17,11 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search import experiment
-from search.experiment import finished, format_table, read_results, summarise
-from search.run import make_scheduler, run_trial
-from search.study import TUNE_TRIAL_ID, load_study, make_searcher
+from trainable import status
+from search.experiment.trials import finished, format_table, read_results, summarise
+from search.phases.schedulers import make_scheduler
+from search.phases.trial import run_trial
+from search.experiment.study import TUNE_TRIAL_ID, load_study, make_searcher
 from spaces import QUICKSTART, load_space
 from trainable.config import ConfigError, DataError
 from trainable.failures import deterministic_cause
@@ -90,9 +91,9 @@ def test_result_keys_and_worst_values_agree_across_the_layers():
     from trainable import loop
 
     assert (loop.RUN_STATUS, loop.RUN_ERROR, loop.DIVERGED) == (
-        experiment.RUN_STATUS, experiment.RUN_ERROR, experiment.DIVERGED)
+        status.RUN_STATUS, status.RUN_ERROR, status.DIVERGED)
     for metric, worst in loop.WORST.items():
-        assert experiment.worst_value(metric) == worst
+        assert status.worst_value(metric) == worst
     err = loop.TrainingDiverged(DIVERGED_LINE, epoch=2)
     assert loop.diverged_metrics(err) == {
         **loop.WORST, "epoch": 2, "run_status": "diverged", "error": DIVERGED_LINE}

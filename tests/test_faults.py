@@ -17,18 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from search.experiment import (
-    EXPERIMENT_ID,
-    SEARCH_INFO,
-    STUDY_FILE,
-    Experiment,
-    claim_mirror,
-    read_results,
-    recorded_space,
-    restore_study,
-    summarise,
-)
-from search.faults import storage_failure
+from search.experiment.folder import EXPERIMENT_ID, SEARCH_INFO, STUDY_FILE, Experiment, claim_mirror, recorded_space, restore_study
+from search.experiment.trials import read_results, summarise
+from search.experiment.faults import storage_failure
 from tests.conftest import PYTHON, ROOT, cli_env, tiny_train
 from tests.test_scale_out import s3  # noqa: F401  (a local S3 server)
 from trainable.config import ConfigError
@@ -207,7 +198,7 @@ def _remote_experiment(s3, monkeypatch, tmp_path) -> Experiment:  # noqa: F811
 
 def test_a_new_experiment_moves_a_stale_mirror_aside(s3, monkeypatch, tmp_path):  # noqa: F811
     from search.run import prepare
-    from search.experiment import record_space
+    from search.experiment.folder import record_space
 
     client, _ = s3
     remote = _remote_experiment(s3, monkeypatch, tmp_path)
@@ -309,9 +300,10 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_mid_search_is_one_line_and_the_search_resumes(ray_address, small_disk, monkeypatch, capsys):
+    import search.phases.search
     import search.run
 
-    monkeypatch.setattr(search.run, "run_trial", filling_trial)
+    monkeypatch.setattr(search.phases.search, "run_trial", filling_trial)
     args = ["--address", ray_address, "--storage-path", str(small_disk), "--name", "full", "--num-samples", "3",
             "--max-concurrent-trials", "1", "--set", "train.run.epochs=2",
             "--set", "experiment.scheduler={kind: fifo}", "--set", "experiment.max_failures=0",

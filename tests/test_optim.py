@@ -158,7 +158,7 @@ def test_lars_trust_ratio_hand_computed():
 def test_clip_grad_norm_is_optional_positive_and_searchable_with_null():
     import optuna
 
-    from search.sampling import define_by_run, sampled_values
+    from search.experiment.sampling import define_by_run, sampled_values
     from spaces import QUICKSTART, load_space
 
     assert TrainConfig().optimizer.clip_grad_norm is None

@@ -1,4 +1,4 @@
-"""The report of an experiment's answer (`search.report`, `search.report_plots`) written from
+"""The report of an experiment's answer (`search.answer.report`, `search.answer.plots`) written from
 fixed answer dicts, one per verdict and with missing sections; and importance over a real
 Optuna study (`search.importance`) with pruned, diverged and conditional trials."""
 
@@ -18,10 +18,13 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from search import report_plots
-from search.experiment import DIVERGED, RUN_ERROR, RUN_STATUS, SEARCH_INFO, worst_value
-from search.importance import EVALUATORS, PHASE, importance
-from search.report import fmt_delta, main, render_markdown, write_report
+from search.answer import plots as report_plots
+from search.experiment.folder import SEARCH_INFO
+from trainable.status import DIVERGED, RUN_ERROR, RUN_STATUS, worst_value
+from search.answer.importance import EVALUATORS, importance
+from search.experiment.study import PHASE
+from search.answer.report import fmt_delta, render_markdown, write_report
+from search.report import main
 from tests.test_scale_out import s3  # noqa: F401  (a local S3 server)
 from trainable.config import ConfigError
 
@@ -256,7 +259,7 @@ def test_rung_points_come_from_the_entry_or_from_the_curves_at_the_rung_epoch():
 # The CLI -----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def fake_answer(monkeypatch):
-    """`search.answer.build_answer` returning the fixed answer for the experiment it is given."""
+    """`search.report`'s `build_answer` returning the fixed answer for the experiment it is given."""
     calls: list[Any] = []
 
     def build_answer(exp):
@@ -265,9 +268,9 @@ def fake_answer(monkeypatch):
         a["experiment"] = exp.path
         return a
 
-    module = types.ModuleType("search.answer")
-    module.build_answer = build_answer  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "search.answer", module)
+    import search.report
+
+    monkeypatch.setattr(search.report, "build_answer", build_answer)
     return calls
 
 
@@ -301,11 +304,11 @@ def test_cli_user_errors_are_one_line(tmp_path, fake_answer, capsys, monkeypatch
         def broken(exp):
             raise ConfigError(f"{exp.path}/{SEARCH_INFO}: damaged (expected a JSON object with an 'overrides' list)")
 
-        monkeypatch.setattr(sys.modules["search.answer"], "build_answer", broken)
+        monkeypatch.setattr(sys.modules["search.report"], "build_answer", broken)
     assert main(["--experiment", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and str(path) in err
-    expected = {"missing": "no such experiment folder", "not ours": "not an experiment of this tool",
+    expected = {"missing": "no such folder", "not ours": "not an experiment of this tool",
                 "user error": "damaged"}[case]
     assert expected in err
     assert not (path / "report").exists()
@@ -435,6 +438,6 @@ def test_too_little_to_go_on_gives_empty_importance_and_a_note(tmp_path, case):
 
 
 def test_phase_attr_name_is_the_studys():
-    from search.study import PHASE as STUDY_PHASE
+    from search.experiment.study import PHASE as STUDY_PHASE
 
     assert PHASE == STUDY_PHASE

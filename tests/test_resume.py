@@ -12,9 +12,10 @@ import pytest
 from optuna.trial import TrialState
 from ray import cloudpickle
 
-from search.experiment import Experiment, experiment_for, read_results, summarise
-from search.resume import reconcile
-from search.study import (
+from search.experiment.folder import Experiment, experiment_for
+from search.experiment.trials import read_results, summarise
+from search.experiment.resume import reconcile
+from search.experiment.study import (
     ABANDONED,
     TUNE_TRIAL_ID,
     StudyBackup,
@@ -342,7 +343,7 @@ class _Trial:
 
 
 def test_result_rows_stay_in_the_experiment_across_drivers(tmp_path: Path):
-    from search.resume import CsvRows, JsonRows
+    from search.experiment.resume import CsvRows, JsonRows
 
     kept = tmp_path / "experiment" / "run_trial_t1"
     first = _Trial(tmp_path / "ray_session_1", kept)

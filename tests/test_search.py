@@ -15,9 +15,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search.experiment import SEARCH_INFO
+from search.experiment.folder import SEARCH_INFO
 from search.run import main, prepare, run_search
-from search.study import TUNE_TRIAL_ID, load_study
+from search.experiment.study import TUNE_TRIAL_ID, load_study
 from tests.conftest import PYTHON, ROOT, cli_env
 from trainable.config import LEAF_PATHS
 from trainable.config_io import load_config

@@ -13,7 +13,7 @@ import optuna
 import pytest
 import yaml
 
-from search.sampling import define_by_run, make_sampler, sampled_values
+from search.experiment.sampling import define_by_run, make_sampler, sampled_values
 from spaces import (
     QUICKSTART,
     Space,

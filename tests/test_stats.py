@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from search.stats import kendall_tau, p_best, paired_difference, summarise_values
+from search.answer.stats import (accuracy_step, p_best, paired_difference, prediction_interval, selection_adjusted,
+                                 summarise_values, weighted_tau)
 
 
 def test_mean_std_and_student_t_interval_by_hand() -> None:
@@ -26,12 +27,75 @@ def test_interval_matches_scipy(values: list[float]) -> None:
     assert s.std == pytest.approx(np.std(values, ddof=1), abs=1e-15)
 
 
-def test_one_value_claims_nothing_and_bad_input_is_refused() -> None:
+def test_one_value_claims_nothing_and_only_finite_values_count() -> None:
     s = summarise_values([0.9])
     assert s.ci95 == (-math.inf, math.inf) and s.contains_zero and math.isnan(s.std)
-    for bad in ([], [float("nan"), 1.0], [[1.0, 2.0]]):
-        with pytest.raises(ValueError):
-            summarise_values(bad)
+    # a diverged seed (nan, inf) is a status, not a number: left out, never raised on
+    assert summarise_values([float("nan"), 0.9, float("inf"), 0.7]) == summarise_values([0.9, 0.7])
+    empty = summarise_values([])
+    assert empty.n == 0 and math.isnan(empty.mean) and empty.contains_zero
+    assert summarise_values([math.inf, -math.inf]).n == 0
+    with pytest.raises(ValueError):
+        summarise_values([[1.0, 2.0]])
+
+
+def test_accuracy_step_is_one_validation_image() -> None:
+    assert accuracy_step([352 / 360, 350 / 360, 351 / 360, 1.0]) == pytest.approx(1 / 360)
+    assert accuracy_step([0.95, 0.96, 0.97, 0.975]) == pytest.approx(1 / 200)
+    assert accuracy_step([0.5]) == pytest.approx(1 / 2)  # a divisor of n: never finer than the truth
+    assert accuracy_step([math.pi / 4]) is None and accuracy_step([1.5]) is None
+
+
+def test_equal_differences_are_not_certainty_and_accuracy_intervals_stay_in_0_1() -> None:
+    # every seed agrees to the image: without a floor the interval has width 0
+    b = [0.95, 0.96, 0.97]
+    a = [x + 0.01 for x in b]
+    assert paired_difference(a, b).ci95[1] - paired_difference(a, b).ci95[0] == pytest.approx(0.0, abs=1e-12)
+    d = paired_difference(a, b, floor=0.005)
+    half = 4.302652729911275 * 0.005 / math.sqrt(3)
+    assert d.std == 0.005 and d.ci95 == pytest.approx((0.01 - half, 0.01 + half), abs=1e-12)
+    s = summarise_values([0.9, 1.0, 1.0], bounds=(0.0, 1.0))
+    assert s.ci95[1] == 1.0 and s.ci95[0] == pytest.approx(
+        sps.t.interval(0.95, 2, loc=np.mean([0.9, 1.0, 1.0]), scale=sps.sem([0.9, 1.0, 1.0]))[0])
+
+
+def test_prediction_interval_is_the_two_sample_t_test_and_fails_5_percent_when_nothing_changed() -> None:
+    x = [0.91, 0.93, 0.92, 0.95]
+    lo, hi = prediction_interval(x, 2)
+    # mean of 2 fresh seeds at the edge of the interval: the pooled-free two-sample t test of
+    # "same mean" (variance from the confirmed values) has p = 0.05 there
+    t = (hi - np.mean(x)) / (np.std(x, ddof=1) * math.sqrt(1 / 4 + 1 / 2))
+    assert 2 * sps.t.sf(t, 3) == pytest.approx(0.05, abs=1e-12)
+    rng = np.random.default_rng(0)
+    fails = 0
+    runs = 20_000
+    for _ in range(runs):
+        conf, fresh = rng.normal(0.9, 0.01, 3), rng.normal(0.9, 0.01, 2)
+        lo, hi = prediction_interval(conf, 2)
+        fails += not (lo <= fresh.mean() <= hi)
+    assert abs(fails / runs - 0.05) < 0.006  # binomial sd 0.0015
+
+
+def test_selection_adjusted_gain_removes_the_significance_filters_bias() -> None:
+    assert selection_adjusted(0.5, 0.01, 2.0) == pytest.approx(0.5, abs=1e-6)  # far above: unchanged
+    assert selection_adjusted(0.021, 0.01, 2.0) < 0.021
+    rng = np.random.default_rng(1)
+    mu, se = 0.02, 0.01
+    d = rng.normal(mu, se, 40_000)
+    kept = d[d > 2 * se]
+    raw_bias = kept.mean() - mu
+    adj = np.array([selection_adjusted(float(v), se, 2.0) for v in kept[:4000]])
+    assert raw_bias > 0.004 and abs(np.median(adj) - mu) < abs(np.median(kept) - mu)
+
+
+def test_weighted_tau_is_scipys_with_equal_weights_and_counts_a_heavy_item_more() -> None:
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=12), rng.normal(size=12)
+    assert weighted_tau(x, y, np.ones(12)) == pytest.approx(sps.kendalltau(x, y).statistic, abs=1e-12)
+    # item 0 disagrees with everyone: weighting it up lowers tau
+    x2, y2 = np.arange(6.0), np.array([5.0, 1, 2, 3, 4, 5.5])
+    assert weighted_tau(x2, y2, [4, 1, 1, 1, 1, 1]) < weighted_tau(x2, y2, np.ones(6))
+    assert math.isnan(weighted_tau([1.0], [1.0], [1.0]))
 
 
 def test_paired_difference_uses_the_pairs() -> None:
@@ -79,22 +143,11 @@ def test_p_best_is_a_bootstrap_over_paired_seeds() -> None:
     assert p_best(values, n_boot=20000, seed=3)["a"] == pytest.approx(wins / 20000, abs=0.015)
 
 
-@pytest.mark.parametrize(
-    "x, y",
-    [
-        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 5]),
-        ([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]),
-        ([0.3, 0.1, 0.4, 0.2, 0.5], [0.6, 0.2, 0.5, 0.1, 0.9]),
-        ([1, 1, 2, 3, 3], [2, 1, 3, 3, 4]),  # ties on both sides: tau-b
-        ([0.2, 0.5, 0.5, 0.9], [0.1, 0.1, 0.7, 0.8]),
-    ],
-)
-def test_kendall_tau_matches_scipy(x: list[float], y: list[float]) -> None:
-    assert kendall_tau(x, y) == pytest.approx(sps.kendalltau(x, y).statistic, abs=1e-12)
-
-
-def test_kendall_tau_degenerate() -> None:
-    assert math.isnan(kendall_tau([1.0], [2.0]))
-    assert math.isnan(kendall_tau([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
-    with pytest.raises(ValueError):
-        kendall_tau([1.0, 2.0], [1.0])
+@pytest.mark.parametrize("seed", range(20))
+def test_paired_difference_is_scipys_paired_t_interval(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 9))
+    a, b = rng.normal(0.9, 0.02, n), rng.normal(0.9, 0.02, n)
+    got = paired_difference(a, b)
+    want = sps.ttest_rel(a, b).confidence_interval(0.95)
+    assert got.ci95 == pytest.approx((want.low, want.high), abs=1e-12)

@@ -27,6 +27,7 @@ from trainable.mix import Mixer
 from trainable.optim import build_optimizer, build_scheduler
 from trainable.precision import Precision, resolve_precision
 from trainable.resume import CHECKPOINT_FILE, check_same_run, config_hash, load_resume_state
+from trainable.status import DIVERGED, RUN_ERROR, RUN_STATUS, WORST
 from trainable.step import optimizer_update
 from trainable.syncbn import convert_sync_batchnorm
 from trainable.tensorboard import TensorBoard
@@ -40,6 +41,12 @@ METRICS = (
 """Reported every epoch. `train_seconds`: time inside training steps so far (this attempt);
 `first_step_at`: wall-clock time of this attempt's first optimizer update; `seed` and `repeat`:
 which of the config's `run.repeats` runs the report belongs to."""
+STARTUP_METRICS = ("startup_s", "staging_s", "staging_bytes", "staging_files")
+"""Reported every epoch, the same in each report of one attempt. `startup_s`: seconds from the
+start of rank 0's run to the end of its first optimizer update, staging included;
+`staging_s`: of which bringing the data to the nodes (`trainable.staging`; the slowest rank,
+lock waits included); `staging_bytes`, `staging_files`: what the trial's nodes downloaded for it
+(all 0 when the data is read in place or was already staged)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,16 +61,9 @@ class TrainingDiverged(RuntimeError):
         return (type(self), (str(self), self.epoch))
 
 
-DIVERGED = "diverged"
-RUN_STATUS, RUN_ERROR = "run_status", "error"
-"""A run that diverged ends with one more report: `run_status: "diverged"`, `error` (one line:
-epoch, step, lr), the epoch it diverged in and the metrics at their worst (accuracies 0,
-losses infinite), so whatever ranks runs by a metric puts it last; then it returns normally."""
-WORST = {"val_acc": 0.0, "val_acc5": 0.0, "val_loss": float("inf"), "train_loss": float("inf")}
-
-
 def diverged_metrics(err: TrainingDiverged) -> dict[str, Any]:
-    """The final report of a diverged run (see `RUN_STATUS`)."""
+    """The final report of a diverged run (`trainable.status`): `error` names the epoch, step
+    and lr; the run then returns normally."""
     return {**WORST, "epoch": err.epoch, RUN_STATUS: DIVERGED, RUN_ERROR: str(err)}
 
 
@@ -210,6 +210,7 @@ def run_training(
     metrics; `checkpoint` is a `ray.train.Checkpoint` to resume from, or None.
     `max_updates` stops each epoch early (benchmarks only). `repeat`: which of the config's
     `run.repeats` this is (`cfg.for_repeat(repeat)`), recorded in reports and checkpoints."""
+    started = time.perf_counter()
     if cfg.distributed.num_workers != world_size:
         cfg = cfg.with_num_workers(world_size)
     cfg = resolve_micro_batch(cfg, device, world_size)  # batch.micro_batch: auto -> probed
@@ -220,6 +221,7 @@ def run_training(
         torch.backends.cudnn.benchmark = True
 
     loaders = build_loaders(cfg, rank, world_size, cfg.run.seed)
+    startup = _staging_metrics(loaders.staging, world_size)
     if loaders.skipped and rank == 0:
         logger.warning("skipped %d corrupt image files", loaders.skipped)
     model = build_model(cfg, loaders.num_classes, device, precision)
@@ -285,6 +287,7 @@ def run_training(
                 )
                 if first_step_at is None:
                     first_step_at = time.time()
+                    startup["startup_s"] = time.perf_counter() - started
                 step = epoch * updates_per_epoch + update
                 lr = window_lrs[step] = optimizer.param_groups[0]["lr"]
                 scheduler.step()
@@ -317,6 +320,7 @@ def run_training(
                 "first_step_at": first_step_at,
                 "seed": cfg.run.seed,
                 "repeat": repeat,
+                **startup,
             }
             if rank == 0:
                 tb.scalars({k: metrics[k] for k in METRICS if k not in ("epoch", "first_step_at", "seed", "repeat")},
@@ -349,6 +353,18 @@ def run_training(
                 report(metrics, checkpoint=None)
     finally:
         tb.close()
+
+
+def _staging_metrics(mine: dict[str, float], world_size: int) -> dict[str, float]:
+    """The run's staging cost from every rank's: the slowest rank's seconds, the bytes and
+    files downloaded summed (one rank per node downloads, the others wait)."""
+    ranks = all_gather({k: float(mine.get(k, 0.0)) for k in STARTUP_METRICS[1:]}, world_size)
+    return {
+        "startup_s": 0.0,
+        "staging_s": max(r["staging_s"] for r in ranks),
+        "staging_bytes": sum(r["staging_bytes"] for r in ranks),
+        "staging_files": sum(r["staging_files"] for r in ranks),
+    }
 
 
 def _check_finite(bad_step: torch.Tensor, updates_per_epoch: int, lrs: dict[int, float]) -> None:

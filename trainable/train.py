@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a failed run: one line, the details are in the log above
         print(f"error: training failed: {error_line(err)}", file=sys.stderr)
         return 1
-    from trainable.loop import DIVERGED, RUN_ERROR, RUN_STATUS
+    from trainable.status import DIVERGED, RUN_ERROR, RUN_STATUS
 
     m = result.metrics or {}
     if m.get(RUN_STATUS) == DIVERGED:  # a result, not retried: the same run would diverge again

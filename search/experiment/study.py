@@ -10,6 +10,7 @@ import sqlite3
 import tempfile
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -18,23 +19,27 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
-from search.experiment import (
-    DIVERGED,
-    FAILED,
-    RUN_ERROR,
-    RUN_STATUS,
-    STUDY_FILE,
-    worst_value,
-)
-from search.sampling import define_by_run, make_sampler
+from search.experiment.folder import STUDY_FILE
+from search.experiment.ray_private import completed_trials, ot_study, ot_trials, reseed_sampler
+from search.experiment.sampling import define_by_run, make_sampler
 from spaces import Space
+from trainable.status import DIVERGED, FAILED, RUN_ERROR, RUN_STATUS, worst_value
 from trainable.storage import Storage
 
 logger = logging.getLogger(__name__)
 
 TUNE_TRIAL_ID = "tune_trial_id"
 AUDITED = "audited_at_rung"  # user attr of a trial the rung audit ran to the end
-PHASE = "phase"
+PHASE = "phase"  # user attr of a study trial run outside the search (confirmation, ablation)
+DUPLICATE_OF = "duplicate_of"  # user attr of a proposal identical to an earlier search trial (FAIL, not trained)
+DUPLICATES = "duplicate_proposals"  # study user attr: how many proposals were duplicates
+DUPLICATE_RETRIES = 16
+_TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def _searched(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial of the search that Tune runs (not a duplicate proposal, not an orphan)."""
+    return TUNE_TRIAL_ID in t.user_attrs and not t.user_attrs.get(ABANDONED)
 
 
 def study_url(db_path: str) -> str:
@@ -63,27 +68,58 @@ class StudySearch(OptunaSearch):
 
     def __init__(
         self, *args: Any, time_attr: str = "epoch", max_t: int, audit: Callable[[], dict[str, int]] | None = None,
-        **kwargs: Any,
+        seed: int | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self._seed = seed
         self._time_attr = time_attr
         self._max_t = max_t
-        self._audit = audit  # the rung audit's trials (`search.schedulers.AuditLog.load`)
+        self._audit = audit  # the rung audit's trials (`search.experiment.audit.AuditLog.load`)
 
     def suggest(self, trial_id: str) -> dict | None:
-        config = super().suggest(trial_id)
-        ot_trial = self._ot_trials[trial_id]
+        """Optuna's proposal for the Tune trial `trial_id`.
+
+        With a sampler seed, the sampler's random state is made from (seed, number of search
+        trials so far, attempt) before each proposal, so a proposal depends only on the study
+        (what a resumed driver reads back), not on the draws of an earlier driver.
+
+        Duplicates: a proposal identical to a search trial that finished (COMPLETE or PRUNED)
+        or is running, i.e. one that would train the same config again at the same budget,
+        is not trained: it stays in the study as FAIL with user attr `duplicate_of` (the
+        earlier trial's number; TPE ignores FAIL trials and already holds the earlier result),
+        and the sampler proposes another, up to `DUPLICATE_RETRIES` times; after that the
+        duplicate is trained (the space is exhausted). The study user attr
+        `duplicate_proposals` counts them."""
+        study = ot_study(self)
+        trials = ot_trials(self)
+        if trial_id in trials:  # a restored proposal
+            return super().suggest(trial_id)
+        search = [t for t in study.get_trials(deepcopy=False) if _searched(t)]
+        for attempt in range(DUPLICATE_RETRIES + 1):
+            if getattr(self, "_seed", None) is not None:
+                reseed_sampler(study.sampler, zlib.crc32(f"{self._seed}:{len(search)}:{attempt}".encode()))
+            config = super().suggest(trial_id)
+            ot_trial = trials[trial_id]
+            same = next((t for t in search if t.params == ot_trial.params and t.state in _TAKEN), None)
+            if same is None or attempt == DUPLICATE_RETRIES:
+                break
+            ot_trial.set_user_attr(DUPLICATE_OF, same.number)
+            study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+            del trials[trial_id]
+            study.set_user_attr(DUPLICATES, int(study.user_attrs.get(DUPLICATES, 0)) + 1)
+            logger.info("proposal identical to trial %d (%s): not trained, another proposed",
+                        same.number, same.user_attrs.get(TUNE_TRIAL_ID))
         if TUNE_TRIAL_ID not in ot_trial.user_attrs:
             ot_trial.set_user_attr(TUNE_TRIAL_ID, trial_id)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        if trial_id in completed_trials(self) or trial_id not in ot_trials(self):
             return
         value, step = result.get(self.metric), result.get(self._time_attr)
         if value is None or step is None:
             return
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial = ot_trials(self)[trial_id]
         frozen = ot_trial.storage.get_trial(ot_trial._trial_id)
         if self._ended(trial_id, frozen):
             return
@@ -94,12 +130,12 @@ class StudySearch(OptunaSearch):
         """Whether the study already holds this trial's end (recorded before a driver was
         killed and Tune's snapshot could say so): then there is nothing left to tell."""
         if frozen is None:
-            ot_trial = self._ot_trials[trial_id]
+            ot_trial = ot_trials(self)[trial_id]
             frozen = ot_trial.storage.get_trial(ot_trial._trial_id)
         if not frozen.state.is_finished():
             return False
         logger.debug("trial %s is already %s in the study; ignoring Tune's late news", trial_id, frozen.state.name)
-        self._completed_trials.add(trial_id)
+        completed_trials(self).add(trial_id)
         return True
 
     def restore(self, checkpoint_path: str) -> None:
@@ -107,45 +143,45 @@ class StudySearch(OptunaSearch):
         once, so it may be ahead): every Tune trial id the study holds maps to its Optuna
         trial, and trials the study has finished count as completed."""
         super().restore(checkpoint_path)
-        for t in self._ot_study.get_trials(deepcopy=False):
+        for t in ot_study(self).get_trials(deepcopy=False):
             tid = t.user_attrs.get(TUNE_TRIAL_ID)
             if tid is None:
                 continue
             if t.state.is_finished():
-                self._completed_trials.add(tid)
-            elif tid not in self._ot_trials:
-                self._ot_trials[tid] = optuna.Trial(self._ot_study, t._trial_id)
+                completed_trials(self).add(tid)
+            elif tid not in ot_trials(self):
+                ot_trials(self)[tid] = optuna.Trial(ot_study(self), t._trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials or trial_id not in self._ot_trials or self._ended(trial_id):
+        if trial_id in completed_trials(self) or trial_id not in ot_trials(self) or self._ended(trial_id):
             return
         ended = (result or {}).get(RUN_STATUS)
         if not error and ended in (DIVERGED, FAILED):  # its last result is no measurement
-            ot_trial = self._ot_trials[trial_id]
+            ot_trial = ot_trials(self)[trial_id]
             ot_trial.set_user_attr(RUN_STATUS, ended)
             ot_trial.set_user_attr(RUN_ERROR, str(result.get(RUN_ERROR) or ended))  # type: ignore[union-attr]
             if ended == FAILED:  # an error of the config or data: it says nothing of the tricks
-                self._ot_study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+                ot_study(self).tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
             else:
                 # a result: the worst value, and infeasible, so TPE ranks it below every
                 # complete and pruned trial (a bare worst COMPLETE would rank above the
                 # pruned ones) and Optuna never names it the best
                 ot_trial.set_constraint(DIVERGED, 1.0)
-                self._ot_study.tell(
+                ot_study(self).tell(
                     ot_trial, worst_value(self.metric), state=TrialState.COMPLETE, skip_if_finished=True
                 )
-            self._completed_trials.add(trial_id)
+            completed_trials(self).add(trial_id)
             return
         if result:  # Tune hands a trial's last result to on_trial_complete only
             self.on_trial_result(trial_id, result)
         epochs = (result or {}).get(self._time_attr)
         if not error and epochs is not None and int(epochs) < self._max_t:
-            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED, skip_if_finished=True)
-            self._completed_trials.add(trial_id)
+            ot_study(self).tell(ot_trials(self)[trial_id], state=TrialState.PRUNED, skip_if_finished=True)
+            completed_trials(self).add(trial_id)
             return
         audited = self._audit()[0] if self._audit is not None else {}
         if trial_id in audited:  # ran to the end only for the rung audit: it did finish
-            self._ot_trials[trial_id].set_user_attr(AUDITED, audited[trial_id])
+            ot_trials(self)[trial_id].set_user_attr(AUDITED, audited[trial_id])
         super().on_trial_complete(trial_id, result=result, error=error)
 
 
@@ -161,6 +197,7 @@ def make_searcher(space: Space, db_path: str, audit: Callable[[], Any] | None = 
         storage=study_storage(db_path),
         max_t=space.train.run.epochs,
         audit=audit,
+        seed=exp.sampler.seed,
     )
 
 
@@ -224,7 +261,7 @@ def abandon_orphans(study: optuna.Study, known: Collection[str]) -> list[int]:
 
 
 def record_phase(db_path: str, name: str, phase: str, measured: list[Any], mode: str = "max") -> None:
-    """Keep a phase's configs (`search.confirm.Measured`) in the study file as their own
+    """Keep a phase's configs (`search.experiment.phases.Measured`) in the study file as their own
     study `<name>.<phase>`, one COMPLETE trial per config (its mean over seeds) with the
     per-seed values, apart from the search's study so the sampler never sees them."""
     study_name = f"{name}.{phase}"

@@ -9,7 +9,7 @@ import re
 import uuid
 from collections.abc import Iterable
 
-from search.experiment import Experiment
+from search.experiment.folder import Experiment
 from trainable.storage import Storage
 
 # errors only writes meet (a denied permission may as well be the data's: the probe tells)

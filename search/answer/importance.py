@@ -19,13 +19,13 @@ import optuna
 from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
 
-from search.experiment import DIVERGED, RUN_STATUS
+from search.experiment.study import PHASE
+from trainable.status import DIVERGED, RUN_STATUS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EVALUATORS", "PHASE", "importance", "search_trials"]
+__all__ = ["EVALUATORS", "importance", "search_trials"]
 
-PHASE = "phase"  # user attr of a study trial run outside the search (confirmation, ablation)
 EVALUATORS = ("PedAnovaImportanceEvaluator", "FanovaImportanceEvaluator")
 FANOVA_SEED = 0
 MIN_TRIALS = 3  # PED-ANOVA needs a top quantile strictly smaller than all the trials

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -20,7 +21,9 @@ from optuna.trial import TrialState
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
 
-from search.study import (
+from search.experiment.audit import SchedulerState, read_scheduler_state
+from search.experiment.ray_private import KeptLoggerFile, fix_search_generator, ot_study, ot_trials, trial_from_json
+from search.experiment.study import (
     TUNE_TRIAL_ID,
     StudyBackup,
     StudySearch,
@@ -34,7 +37,7 @@ from trainable.storage import Storage
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-    from search.experiment import Experiment
+    from search.experiment.folder import Experiment
 
 __all__ = ["CsvRows", "JsonRows", "Reconciliation", "reconcile"]
 
@@ -44,20 +47,12 @@ _TUNE_DONE = ("TERMINATED", "ERROR")
 
 
 # Result rows -------------------------------------------------------------------------------------------
-class _KeptRows:
+class _KeptRows(KeptLoggerFile):
     """A Tune logger whose file lives in the experiment as it is written. Tune writes a
     trial's files on the driver and copies them to the experiment every ~10 s, and takes
     them back only for a trial resumed from a Tune checkpoint (ours checkpoint their
     training, not Tune): a driver killed and started again in a new Ray instance would start
     the file afresh, and its next copy would replace the rows of the earlier drivers."""
-
-    def _restore_from_remote(self, file_name: str, trial: Trial) -> None:
-        local = Path(trial.local_path, file_name)
-        remote = f"{trial.storage.trial_fs_path}/{file_name}"
-        fs = trial.storage.storage_filesystem
-        if local.exists() or fs.get_file_info(remote).type == pyarrow.fs.FileType.NotFound:
-            return
-        pyarrow.fs.copy_files(remote, str(local), source_filesystem=fs)
 
     def _keep(self, trial: Trial, file_name: str) -> None:
         """Copy the driver's file into the experiment (whole: a kill leaves the last copy)."""
@@ -118,7 +113,7 @@ class Reconciliation:
     told: list[str] = field(default_factory=list)
 
 
-def reconcile(exp: Experiment, space: Space) -> Reconciliation:
+def reconcile(exp: Experiment, space: Space, scheduler: Any | None = None) -> Reconciliation:
     """Make the study and Tune's last snapshot agree before `--resume` restores Tune.
 
     The study is written as trials start, report and end; Tune's experiment state only every
@@ -137,7 +132,11 @@ def reconcile(exp: Experiment, space: Space) -> Reconciliation:
     - a trial unfinished in both whose training already ran all its epochs is finished in
       both with its last row (the resumed training would report nothing more), the study
       told as the searcher would have;
-    - a trial Tune finished whose end never reached the study is told now.
+    - a trial Tune finished whose end never reached the study is told now;
+    - a trial the scheduler had stopped (its decision is in `audit.json`, written before Tune
+      acts on it) is finished in both at the epoch it was stopped at, never trained further;
+      a result recovered from a training checkpoint is first decided by `scheduler` (the
+      search's, reading the same `audit.json`), as Tune would have had it arrived.
 
     A trial the study marked FAIL is retried like any errored trial (`--resume` retries
     those), and the study keeps its FAIL. Tune's corrected state is written as a new
@@ -152,6 +151,7 @@ def reconcile(exp: Experiment, space: Space) -> Reconciliation:
     except KeyError:  # the driver died before the searcher created the study
         return out
     trials = snap.trials if snap else {}
+    decided: SchedulerState = read_scheduler_state(exp)
     out.abandoned = abandon_orphans(study, set(trials))
     by_tid = {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.get_trials(deepcopy=False) if TUNE_TRIAL_ID in t.user_attrs}
     searcher: StudySearch | None = None
@@ -160,8 +160,8 @@ def reconcile(exp: Experiment, space: Space) -> Reconciliation:
     def searcher_for(tid: str, ot: optuna.trial.FrozenTrial) -> StudySearch:
         nonlocal searcher
         searcher = searcher or make_searcher(space, exp.study_db)
-        if tid not in searcher._ot_trials:
-            searcher._ot_trials[tid] = optuna.Trial(searcher._ot_study, ot._trial_id)
+        if tid not in ot_trials(searcher):
+            ot_trials(searcher)[tid] = optuna.Trial(ot_study(searcher), ot._trial_id)
         return searcher
 
     def tell(tid: str, ot: optuna.trial.FrozenTrial, result: dict[str, Any], error: bool) -> None:
@@ -184,12 +184,25 @@ def reconcile(exp: Experiment, space: Space) -> Reconciliation:
             continue
         if ot.state != TrialState.RUNNING:
             continue
+        stop = decided.stopped_at(tid)
         saved = _saved_metrics(exp, tid)
-        if saved is not None and int(saved.get("epoch", 0)) > int(rows[-1].get("epoch", 0) if rows else 0):
+        if (
+            saved is not None and int(saved.get("epoch", 0)) > int(rows[-1].get("epoch", 0) if rows else 0)
+            and (stop is None or int(saved.get("epoch", 0)) <= stop)
+        ):
             rows.append(snap.add_row(trial, rows, saved, done=int(saved.get("epoch", 0)) >= max_t))
             out.recovered.append(tid)
             if int(saved.get("epoch", 0)) < max_t:
                 searcher_for(tid, ot).on_trial_result(tid, rows[-1])
+                if scheduler is not None:
+                    scheduler.on_trial_result(None, SimpleNamespace(trial_id=tid), rows[-1])
+                    stop = read_scheduler_state(exp).stopped_at(tid)
+        at_stop = [r for r in rows if stop is not None and int(r.get("epoch", 0)) == stop]
+        if at_stop:  # stopped by the scheduler before the kill: it ends there
+            snap.close(trial, at_stop[-1])
+            out.closed.append(tid)
+            tell(tid, ot, at_stop[-1], False)
+            continue
         if rows and int(rows[-1].get("epoch", 0)) >= max_t:  # trained to the end: nothing more will come
             snap.close(trial, rows[-1])
             out.closed.append(tid)
@@ -210,8 +223,7 @@ def reconcile(exp: Experiment, space: Space) -> Reconciliation:
 def _saved_metrics(exp: Experiment, tid: str) -> dict[str, Any] | None:
     """The metrics of the trial's training run's last checkpoint (Ray Train's own record in
     its run folder, written before the result goes on to Tune), or None."""
-    from search.experiment import RUNS_DIR
-    from search.run import TRIAL_NAME_PREFIX
+    from search.experiment.folder import RUNS_DIR, TRIAL_NAME_PREFIX
 
     rel = f"{RUNS_DIR}/{TRIAL_NAME_PREFIX}{tid}/checkpoint_manager_snapshot.json"
     try:
@@ -219,6 +231,17 @@ def _saved_metrics(exp: Experiment, tid: str) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return metrics if isinstance(metrics, dict) and "epoch" in metrics else None
+
+
+def next_session(now: str, newest: str) -> str:
+    """A Tune session name for a new snapshot that sorts after `newest` (Tune restores the
+    greatest name), whatever the clock says: `now` when it is later, else `newest` with a
+    counter (`<newest>_r001`, `_r002`, ...), so no snapshot ever replaces another."""
+    if now > newest:
+        return now
+    base, _, count = newest.partition("_r")
+    number = int(count) + 1 if count.isdigit() else 1
+    return f"{base if count.isdigit() else newest}_r{number:03d}"
 
 
 class _TuneSnapshot:
@@ -235,19 +258,28 @@ class _TuneSnapshot:
         matching = sorted(fnmatch.filter(names, template.format("*")))  # Tune's session names sort by time
         return matching[-1] if matching else None
 
+    @staticmethod
+    def _latest_written(store: Storage, template: str) -> str | None:
+        """The snapshot written last (by the storage's clock; among equal times, the name
+        Tune would pick): a driver whose clock ran behind names its snapshots earlier than
+        older ones, and Tune, which picks by name, would restore a stale state."""
+        selector = pyarrow.fs.FileSelector(store.fs_path(), allow_not_found=True)
+        infos = [i for i in store.fs.get_file_info(selector) if fnmatch.fnmatch(i.base_name, template.format("*"))]
+        if not infos:
+            return None
+        return max(infos, key=lambda i: (i.mtime_ns or 0, i.base_name)).base_name
+
     @classmethod
     def load(cls, store: Storage) -> _TuneSnapshot | None:
         from ray.tune.execution.tune_controller import TuneController
-        from ray.tune.experiment import Trial
 
-        name = cls._newest(store, TuneController.CKPT_FILE_TMPL)
+        name = cls._latest_written(store, TuneController.CKPT_FILE_TMPL)
         if name is None:
             return None
         state = json.loads(store.read_text(name))
         trials = {}
         for trial_json, metadata_json in state["trial_data"]:
-            trial = Trial.from_json_state(trial_json, stub=True)
-            trial.restore_run_metadata(metadata_json)
+            trial = trial_from_json(trial_json, metadata_json)
             trials[trial.trial_id] = trial
         return cls(store, name, state, trials)
 
@@ -285,20 +317,15 @@ class _TuneSnapshot:
 
         exp_template, gen_template = TuneController.CKPT_FILE_TMPL, SearchGenerator.CKPT_FILE_TMPL
         head, tail = exp_template.split("{}")
-        session = max(datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), self.name[len(head) : -len(tail)])
+        newest = self._newest(self.store, exp_template)
+        session = next_session(datetime.now().strftime("%Y-%m-%d_%H-%M-%S"), newest[len(head) : -len(tail)] if newest else "")
         gen_name = self._newest(self.store, gen_template)
         gen_changed = False
         if gen_name is not None:
             gen = cloudpickle.loads(self._read_bytes(gen_name))
             live = {tid for tid, t in self.trials.items() if t.status not in _TUNE_DONE}
-            limiter = gen.get("name:ConcurrencyLimiter")
-            if limiter is not None and set(limiter["live_trials"]) != live:
-                limiter["live_trials"], limiter["num_unfinished_live_trials"] = live, len(live)
-                gen_changed = True
-            if gen.get("counter") != len(self.trials):
-                gen["counter"] = len(self.trials)
-                gen_changed = True
-        if not closed and not gen_changed:
+            gen_changed = fix_search_generator(gen, live, len(self.trials))
+        if not closed and not gen_changed and newest == self.name:
             return
         if gen_name is not None:  # first: Tune only looks for it once the new state exists
             _write_bytes(self.store.fs, self.store.fs_path(gen_template.format(session)), cloudpickle.dumps(gen))

@@ -1,5 +1,5 @@
 """The report's plots, one small function each: `plot(answer, path) -> bool` draws from the
-answer dict of `search.answer.build_answer` and writes a PNG at `path`, or writes nothing and
+answer dict of `search.answer.build.build_answer` and writes a PNG at `path`, or writes nothing and
 returns False when there is no data to draw. The caller selects the Agg backend."""
 
 from __future__ import annotations

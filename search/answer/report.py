@@ -1,0 +1,290 @@
+"""An experiment's answer as a report: `report.md` (the answer first, then the evidence),
+PNG plots and `report.json`, written into a folder (by default `<experiment>/report/`,
+regenerated as the experiment runs; `python -m search.report` writes it on demand).
+
+`write_report` takes the answer dict of `search.answer.build.build_answer`; the plots are
+small functions of that dict (`search.answer.plots`), each skipped when it has no data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from trainable.config import ConfigError
+from trainable.config_io import write_atomic
+
+__all__ = ["fmt_delta", "fmt_value", "publish_report", "render_markdown", "write_report"]
+
+STAGES = ("searching", "confirming", "ablating", "finished")
+
+
+# Numbers -------------------------------------------------------------------------------------------------
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_acc(metric: str) -> bool:
+    return "acc" in metric
+
+
+def _half(ci: Any) -> float | None:
+    """Half the width of a 95% CI [lo, hi]; None when it is missing or unbounded."""
+    if not ci or len(ci) != 2 or not (_finite(ci[0]) and _finite(ci[1])):
+        return None
+    return (ci[1] - ci[0]) / 2
+
+
+def fmt_value(x: Any, metric: str) -> str:
+    """A metric value: accuracies in %, losses as they are."""
+    if not _finite(x):
+        return "-"
+    return f"{100 * x:.2f}%" if _is_acc(metric) else f"{x:.4g}"
+
+
+def fmt_delta(delta: Any, ci: Any, metric: str) -> str:
+    """A difference ± its CI half-width: accuracies in percentage points ("+0.8 ± 0.3 pp"),
+    losses raw; "no CI" when the interval is missing or unbounded (one seed)."""
+    if not _finite(delta):
+        return "-"
+    half = _half(ci)
+    if _is_acc(metric):
+        d = 1 if half is None or 100 * half >= 0.1 else 2
+        text = f"{100 * delta:+.{d}f}"
+        return f"{text} ± {100 * half:.{d}f} pp" if half is not None else f"{text} pp (no CI)"
+    return f"{delta:+.4g} ± {half:.2g}" if half is not None else f"{delta:+.4g} (no CI)"
+
+
+def _mean_ci(entry: dict[str, Any], metric: str) -> str:
+    half = _half(entry.get("ci95"))
+    mean = fmt_value(entry.get("mean"), metric)
+    if half is None:
+        return f"{mean} (one seed, no CI)" if len(entry.get("values") or []) <= 1 else f"{mean} (no CI)"
+    return f"{mean} ± {100 * half:.2f} pp" if _is_acc(metric) else f"{mean} ± {half:.2g}"
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    text = f"{v:.4g}" if isinstance(v, float) else str(v)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+# Markdown ------------------------------------------------------------------------------------------------
+def _missing(answer: dict[str, Any], stage: str, off: str) -> str:
+    """Why a section has no data: its stage has not run yet, or it is turned off."""
+    state = answer.get("state") or "searching"
+    now, at = (STAGES.index(state) if state in STAGES else 0), STAGES.index(stage)
+    if now < at:
+        return f"not started yet (the experiment is {state})"
+    if now == at:
+        return "still running"
+    return f"not run ({off})"
+
+
+def _answer(a: dict[str, Any]) -> list[str]:
+    metric, verdict, w = a.get("metric", "metric"), a.get("verdict"), a.get("winner")
+    out = [a.get("message") or "(no answer yet)"]
+    if not w:
+        return [out[0], "", f"No winner yet: the experiment is {a.get('state') or 'searching'}.", ""]
+    changed = ", ".join(w.get("changed") or []) or "nothing (the baseline)"
+    seeds = w.get("seeds") or []
+    over = f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if len(seeds) != 1 else f"one seed ({seeds[0]})"
+    out.append(f"**Winner: {w.get('label')}**: {metric} {_mean_ci(w, metric)} over {over}; "
+               f"changed from the baseline: {changed}.")
+    ru, vr, vb, base = a.get("runner_up"), a.get("vs_runner_up"), a.get("vs_baseline"), a.get("baseline")
+    to_ru = fmt_delta((vr or {}).get("delta"), (vr or {}).get("ci95"), metric)
+    to_base = fmt_delta((vb or {}).get("delta"), (vb or {}).get("ci95"), metric)
+    if verdict == "tie":
+        out.append(f"**Verdict: tie.** The runner-up ({(ru or {}).get('label', '?')}) is statistically tied with "
+                   f"the winner (paired difference {to_ru}, 95% CI contains 0), so the simpler config "
+                   "(fewer tricks changed from the baseline) was preferred.")
+    elif verdict == "no gain over baseline":
+        out.append("**Verdict: no gain over the baseline.** No trick combination beat the baseline on this data "
+                   f"(paired difference to the baseline {to_base}, 95% CI contains 0).")
+    elif verdict == "unconfirmed":
+        out.append("**Verdict: unconfirmed.** This answer rests on one seed of the search and is not confirmed; "
+                   "it is no evidence that this config beats any other.")
+    elif verdict == "winner":
+        parts = [f"the {name}{f' ({lbl})' if lbl else ''} by {fmt_delta(d.get('delta'), d.get('ci95'), metric)}"
+                 for name, lbl, d in (("runner-up", (ru or {}).get("label"), vr), ("baseline", None, vb)) if d]
+        out.append("**Verdict: winner.** It beats " + " and ".join(parts) + " (paired over the same seeds, 95% CI)."
+                   if parts else "**Verdict: winner.**")
+    if base and verdict != "unconfirmed":
+        out.append(f"Baseline: {metric} {_mean_ci(base, metric)}.")
+    b = a.get("budget") or {}
+    if b:
+        confirm = (f", confirmation runs {b['epochs_confirm']} epochs ({b.get('trial_epochs_confirm', '?')} "
+                   "trial-epochs)" if b.get("epochs_confirm") else ", no confirmation runs")
+        out.append(f"Budget: search trials up to {b.get('epochs_search', '?')} epochs "
+                   f"({b.get('trial_epochs_search', '?')} trial-epochs){confirm}; "
+                   "production needs its own epochs and the full data.")
+    return [x for line in out for x in (line, "")]
+
+
+def _confirm(a: dict[str, Any]) -> list[str]:
+    metric, rows, pb = a.get("metric", "metric"), a.get("confirm") or [], a.get("p_best") or {}
+    if not rows:
+        return [f"Confirmation: {_missing(a, 'confirming', 'experiment.confirm is off')}.", ""]
+    def name(c: dict[str, Any]) -> str:
+        tag = c.get("role") == "baseline" and c.get("label") != "baseline"
+        return _cell(c.get("label")) + (" (baseline)" if tag else "")
+
+    body = [[name(c),
+             _cell(", ".join(c.get("changed") or []) or "-"), _mean_ci(c, metric),
+             f"{100 * c['std']:.2f} pp" if _is_acc(metric) and _finite(c.get("std")) else _cell(c.get("std")),
+             ", ".join(fmt_value(v, metric) for v in c.get("values") or []),
+             f"{pb[c['label']]:.2f}" if _finite(pb.get(c.get("label"))) else "-"] for c in rows]
+    head = ["config", "changed tricks", f"{metric} mean ± 95% CI", "std", "per seed", "P(best)"]
+    seeds = ", ".join(map(str, rows[0].get("seeds") or []))
+    return [f"Each config trained on the same seeds ({seeds}) at the full budget.", "", *_table(head, body), ""]
+
+
+def _ablation(a: dict[str, Any]) -> list[str]:
+    metric, rows, w = a.get("metric", "metric"), a.get("ablation") or [], a.get("winner") or {}
+    if not rows:
+        if w and not w.get("changed") and a.get("state") == "finished":
+            return ["Ablation: nothing to take out (the winner changes no trick from the baseline).", ""]
+        off = "no confirmed winner to ablate" if a.get("verdict") == "unconfirmed" else "experiment.ablate is off"
+        return [f"Ablation: {_missing(a, 'ablating', off)}.", ""]
+    unit = "pp" if _is_acc(metric) else "raw"
+    body = []
+    for r in rows:
+        half = _half(r.get("ci95"))
+        sure = "" if half is None or abs(r.get("delta") or 0.0) > half else " (CI contains 0)"
+        body.append([f"{_cell(r.get('trick'))}: {fmt_delta(r.get('delta'), r.get('ci95'), metric)}{sure}",
+                     _cell(", ".join(f"{k}={v}" for k, v in (r.get("reset") or {}).items())),
+                     ", ".join(fmt_delta(v, None, metric).replace(" (no CI)", "").removesuffix(" pp")
+                               for v in r.get("values") or [])])
+    return [("The winner minus the winner with one trick reset to its base value, paired over the same "
+             f"seeds ({unit}); positive: the trick helps."), "",
+            *_table(["trick: Δ ± 95% CI", "reset to", "per seed"], body), ""]
+
+
+def _importance(a: dict[str, Any]) -> list[str]:
+    imp, note = a.get("importance") or {}, a.get("importance_note") or ""
+    names = [n for n in imp if imp[n]]
+    if not names:
+        return [f"Importance: {note or 'not computed yet'}.", ""]
+    keys = list(dict.fromkeys(k for n in names for k in imp[n]))
+    body = [[_cell(k), *(f"{imp[n][k]:.3f}" if k in imp[n] else "-" for n in names)] for k in keys]
+    short = [{"PedAnovaImportanceEvaluator": "PED-ANOVA", "FanovaImportanceEvaluator": "fANOVA"}.get(n, n)
+             for n in names]
+    return [f"Single-seed, unlike the ablation: {note}." if note else "Single-seed, unlike the ablation.", "",
+            *_table(["key", *short], body), ""]
+
+
+def _rungs(a: dict[str, Any]) -> list[str]:
+    metric, taus, late = a.get("metric", "metric"), a.get("rung_tau") or [], a.get("late_bloomers") or []
+    if not taus:
+        why = ("no audited trial has finished yet" if a.get("state") in (None, "searching") else
+               "not run (no audited trials: experiment.scheduler.audit is off, or ASHA stopped none)")
+        return [f"Rung audit: {why}.", ""]
+    out = [("Kendall τ between each rung's score and the final score of the trials that ran to the end "
+            "(1: early stopping ranks as the end would)."), "",
+           *_table(["rung (epoch)", "τ", "n"],
+                   [[_cell(t.get("rung")), f"{t['tau']:.2f}" if _finite(t.get("tau")) else "n/a", _cell(t.get("n"))]
+                    for t in taus]), ""]
+    if late:
+        out += ["Late bloomers (audited trials ASHA would have stopped):", ""]
+        out += [f"- trial {b.get('trial_id')}: rung {b.get('rung')} score {fmt_value(b.get('rung_score'), metric)}, "
+                f"final {fmt_value(b.get('final'), metric)}" for b in late]
+    else:
+        out.append("No late bloomers: none of the audited trials ASHA would have stopped caught up.")
+    return [*out, ""]
+
+
+def _trials(a: dict[str, Any]) -> list[str]:
+    metric, rows, keys = a.get("metric", "metric"), a.get("trials") or [], a.get("searched_keys") or []
+    if not rows:
+        return ["Trials: none yet.", ""]
+    extra = any(t.get("phase") != "search" for t in rows)
+    head = ["trial", "phase", *(["label", "seed"] if extra else []), *keys,
+            f"{metric} (last epoch)", "best over epochs", "epochs", "status", "audited"]
+    body = [[_cell(t.get("trial_id")), _cell(t.get("phase")),
+             *([_cell(t.get("label")), _cell(t.get("seed"))] if extra else []),
+             *(_cell((t.get("values") or {}).get(k)) for k in keys),
+             fmt_value(t.get("score"), metric), fmt_value(t.get("best"), metric), _cell(t.get("epochs")),
+             _cell(t.get("status")), "yes" if t.get("audited") else ""] for t in rows]
+    return ["One score per trial: the metric at its last epoch (the best over epochs is shown for information).",
+            "", *_table(head, body), ""]
+
+
+def render_markdown(answer: dict[str, Any], plots: dict[str, str] | None = None) -> str:
+    """The report's text; `plots`: {section: image file name relative to report.md}."""
+    plots = plots or {}
+    name = str(answer.get("experiment") or "").rstrip("/").rsplit("/", 1)[-1]
+    state = answer.get("state") or "searching"
+    lines = [f"# Trick search: {name}", "",
+             f"Experiment `{answer.get('experiment')}`, {state}"
+             + ("" if state == "finished" else " (this report is regenerated as it runs)") + ".", "",
+             "## Answer", "", *_answer(answer)]
+    sections: list[tuple[str, Callable[[dict[str, Any]], list[str]], str]] = [
+        ("Confirmation", _confirm, "confirm"), ("What each trick contributed (ablation)", _ablation, "ablation"),
+        ("Importance over the search trials", _importance, ""), ("Rung audit", _rungs, "rungs"),
+        ("Trials", _trials, "curves")]
+    for title, build, plot in sections:
+        lines += [f"## {title}", "", *build(answer)]
+        if plot in plots:
+            lines += [f"![{title}]({plots[plot]})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# Files ---------------------------------------------------------------------------------------------------
+def _json_safe(x: Any) -> Any:
+    """Non-finite floats as null: report.json stays strict JSON."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_report(answer: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write report.json, the plots that have data and report.md into `out_dir` (created;
+    the report's own files there are replaced, nothing else is touched). Returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from search.answer import plots as report_plots
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: not a folder (the report is a folder of files)")
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_atomic(out / "report.json", json.dumps(_json_safe(answer), indent=2, allow_nan=False) + "\n",
+                            overwrite=True)]
+    plots: dict[str, str] = {}
+    for section, (file, plot) in report_plots.PLOTS.items():
+        path = out / file
+        if plot(answer, path):
+            plots[section] = file
+            written.append(path)
+    written.append(write_atomic(out / "report.md", render_markdown(answer, plots), overwrite=True))
+    return written
+
+
+def publish_report(exp: Any, answer: dict[str, Any], out: str | None = None) -> list[str]:
+    """Write the report of `answer` into `out` (default `<experiment>/report`; on object
+    storage it is written locally, then uploaded). Returns the paths written."""
+    from trainable.storage import Storage, is_uri
+
+    target = out or f"{exp.path}/report"
+    if not is_uri(target):
+        return [str(p) for p in write_report(answer, target)]
+    store = Storage(target)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_report(answer, tmp)
+        for f in files:
+            store.upload(f, f.name)
+    return [f"{store.root}/{f.name}" for f in files]
