@@ -141,9 +141,10 @@ def ablation_matches(ablation: list[Entry], winner: Entry, space: Space) -> bool
         return False
     for e in ablation:
         reset = {e.trick, *space.tricks.get(e.trick or "", ())}
-        want = {k: (base[k] if k in reset else v) for k, v in winner.values.items()}
-        if e.values != want:
-            return False
+        for k in {*e.values, *winner.values}:
+            want = base.get(k) if k in reset else winner.values.get(k, base.get(k))
+            if e.values.get(k, base.get(k)) != want:
+                return False
     return True
 
 
