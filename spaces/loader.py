@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
-import itertools
 import logging
 import math
 import os
@@ -358,7 +357,10 @@ def _check_accumulation(base: TrainConfig, search: Mapping[str, Distribution], f
     sets = [_values_of(base, search, p) for p in trio]
     if any(s is None for s in sets) or math.prod(len(s) for s in sets) > _MAX_COMBINATIONS:  # type: ignore[arg-type]
         raise fail(where, "too many batch combinations to check; search these keys with choice")
-    for gb, mb, nw in itertools.product(*sets):  # type: ignore[misc]
+    from trainable.feasibility import reachable  # here: it reads data folders, which loading a space never needs
+
+    # only the combinations a trial can have: a key sampled under `when` keeps its base value elsewhere
+    for gb, mb, nw in reachable(base, search, trio, lambda p: search[p].all_values(limit=_MAX_COMBINATIONS) or []):
         try:
             check_accumulation(gb, mb, nw)
         except ValueError as err:

@@ -89,3 +89,97 @@ def spawn_workers(fn: Callable[..., None], outdir: Path, world: int, timeout: fl
                     p.kill()
             pytest.fail(f"workers did not finish within {timeout}s")
     return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# A local S3 server with a request log ------------------------------------------------------------------
+class S3Server:
+    """moto's S3 server on 127.0.0.1, its every request logged (to count what was downloaded)."""
+
+    BUCKET = "trick-data"
+
+    def __init__(self, folder: Path, enforce_auth: bool = False) -> None:
+        import subprocess
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = folder / "s3-requests.log"
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        server_env = dict(os.environ)
+        if enforce_auth:  # every request needs credentials moto knows: "testing" is refused
+            server_env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                         cwd=folder, env=server_env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"moto's S3 server did not start: {self.log.read_text()[-2000:]}")
+                time.sleep(0.1)
+        if not enforce_auth:
+            self.client().create_bucket(Bucket=self.BUCKET)
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def upload(self, local: Path, prefix: str) -> str:
+        """Every file under `local` as `prefix/<relative path>`; the folder's URI."""
+        client = self.client()
+        for p in sorted(local.rglob("*")):
+            if p.is_file():
+                client.upload_file(str(p), self.BUCKET, f"{prefix}/{p.relative_to(local).as_posix()}")
+        return f"s3://{self.BUCKET}/{prefix}"
+
+    def object_gets(self, prefix: str = "") -> dict[str, int]:
+        """GET requests per object key under `prefix` so far (listings are not counted)."""
+        import re
+        from urllib.parse import unquote
+
+        counts: dict[str, int] = {}
+        for m in re.finditer(r'"(?:\x1b\[[0-9;]*m)*GET /([^ ?]+) HTTP', self.log.read_text(errors="replace")):
+            bucket, _, key = unquote(m.group(1)).partition("/")
+            if bucket == self.BUCKET and key and key.startswith(prefix):
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                self.proc.kill()
+
+
+def image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "emu"), train: int = 8, val: int = 4,
+                 size: int = 32, seed: int = 0) -> Path:
+    """A small JPEG image folder (`root/train/<class>/*.jpg`, `root/val/<class>/*.jpg`) whose
+    classes differ in colour, so a tiny model learns something in an epoch or two."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("val", val)):
+        for c, cls in enumerate(classes):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size, size, 3), dtype=np.float32)
+                base[..., c % 3] = 180.0
+                img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i:04d}.jpg", quality=90)
+    return root

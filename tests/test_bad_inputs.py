@@ -237,9 +237,16 @@ def observer(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(case: Case, tmp_path: Path, observer: Path) -> None:
-    world = make_world(tmp_path / "w")
+    check_one_line(case, make_world(tmp_path / "w"), tmp_path, observer)
+
+
+def check_one_line(case: Case, world: Path, tmp_path: Path, observer: Path, **extra_env: str) -> None:
+    """Run the case's CLI in a fresh process: exit 2, one `error:` line with the expected
+    parts, no traceback, no torch, nothing in the world folder changed."""
     imported = tmp_path / "imported.json"
-    env = cli_env(HOME=str(world / "home"), TRICK_TEST_IMPORTED=str(imported))
+    # the machine's data cache (derived, deletable: an index kept once a folder is a few seconds old) lives outside
+    env = cli_env(HOME=str(world / "home"), TRICK_TEST_IMPORTED=str(imported),
+                  TRICK_SEARCH_CACHE=str(tmp_path / "machine-cache"), **extra_env)
     env["PYTHONPATH"] = f"{observer}{os.pathsep}{env['PYTHONPATH']}"
     for var in ("TRICK_SEARCH_STORAGE", "RAY_ADDRESS"):
         env.pop(var, None)
@@ -278,3 +285,113 @@ def test_the_world_is_valid_as_given(tmp_path: Path) -> None:
     cfg = prepare_config(str(world / "user" / "train.yaml"))
     check_config_feasible(cfg, "train.yaml")
     assert snapshot(world) == before
+
+
+# Data on object storage (moto's S3 server): checked from the listing by the driver, before Ray
+S3_CASES = [
+    Case("s3-no-such-folder", RUN, [*SPACE_ARG, *IMAGES, "--set", "train.data.root={s3}/gone"],
+         ["{s3}/gone: no such folder"]),
+    Case("s3-no-such-bucket", RUN, [*SPACE_ARG, *IMAGES, "--set", "train.data.root=s3://no-such-bucket/data"],
+         ["s3://no-such-bucket/data: no such bucket"]),
+    Case("s3-no-val", RUN, [*SPACE_ARG, *IMAGES, "--set", "train.data.root={s3}/noval"],
+         ["{s3}/noval/val: missing"]),
+    Case("s3-class-mismatch", RUN, [*SPACE_ARG, *IMAGES, "--set", "train.data.root={s3}/mismatch"],
+         ["{s3}/mismatch/val: class folders differ", "only in train: b; only in val: c"]),
+    Case("s3-global-batch-over-folder", RUN, [*SPACE_ARG, *IMAGES, "--set", "train.data.root={s3}/ok",
+                                              "--set", "train.data.subset=1.0"],
+         ["search.batch.global_batch: 32 is more than the 6 training images ({s3}/ok/train)", "no value fits"]),
+    Case("s3-uri-for-cifar", RUN, [*SPACE_ARG, "--set", "train.data.kind=cifar10", "--set", "train.data.root={s3}/ok"],
+         ["is read for data.kind imagefolder only"]),
+    Case("train-s3-class-mismatch", TRAIN_CLI,
+         [*CFG, "--set", "data.kind=imagefolder", "--set", "data.root={s3}/mismatch"], ["only in val: c"]),
+]
+
+
+@pytest.fixture(scope="module")
+def s3_world(tmp_path_factory):
+    """A bucket holding the world's data folders (ok, mismatch, noval), and a second server
+    that refuses the credentials every case uses."""
+    from tests.conftest import S3Server
+
+    pytest.importorskip("boto3")
+    top = tmp_path_factory.mktemp("s3world")
+    world = make_world(top / "template")
+    server = S3Server(top / "server")
+    denied = S3Server(top / "denied", enforce_auth=True)
+    try:
+        for name in ("ok", "mismatch", "noval"):
+            server.upload(world / "data" / name, name)
+        yield server, denied
+    finally:
+        server.stop()
+        denied.stop()
+
+
+@pytest.mark.parametrize("case", S3_CASES, ids=[c.id for c in S3_CASES])
+def test_bad_data_on_object_storage_is_one_line_before_ray(case: Case, tmp_path: Path, observer: Path,
+                                                          s3_world) -> None:
+    server, _ = s3_world
+    uri = f"s3://{server.BUCKET}"
+    case = Case(case.id, case.module, [a.replace("{s3}", uri) for a in case.args],
+                [e.replace("{s3}", uri) for e in case.expect])
+    check_one_line(case, make_world(tmp_path / "w"), tmp_path, observer, **server.env)
+
+
+def test_data_the_credentials_cannot_read_is_one_line(tmp_path: Path, observer: Path, s3_world) -> None:
+    _, denied = s3_world
+    uri = f"s3://{denied.BUCKET}/ok"
+    case = Case("s3-access-denied", RUN, [*SPACE_ARG, *IMAGES, "--set", f"train.data.root={uri}"],
+                [f"{uri}: cannot list it with this machine's credentials", "ACCESS_DENIED"])
+    check_one_line(case, make_world(tmp_path / "w"), tmp_path, observer, **denied.env)
+
+
+# Feasibility follows `when` -----------------------------------------------------------------------------------
+WHEN_SPACE = """\
+experiment: {{name: when, num_samples: 2}}
+train:
+  model: {{name: resnet18_vd, small_input: true}}
+  data: {{kind: digits, image_size: 16, subset: 0.2, loader_workers: 0}}
+  batch: {{global_batch: 32, micro_batch: 8}}
+  distributed: {{num_workers: 2}}
+  run: {{epochs: 2}}
+search:
+  data.subset: {{choice: [0.1, 1.0]}}
+  batch.global_batch: {{choice: [32, 1024]{when}}}
+"""
+
+
+def _feasibility_error(tmp_path: Path, when: str) -> str | None:
+    from spaces import load_space
+    from trainable.config import ConfigError
+    from trainable.feasibility import check_space_feasible
+
+    path = tmp_path / f"space{abs(hash(when))}.yaml"
+    path.write_text(WHEN_SPACE.format(when=when))
+    space = load_space(path)
+    try:
+        check_space_feasible(space.train, space.search, "space.yaml")
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def test_feasibility_checks_only_the_combinations_when_allows(tmp_path: Path) -> None:
+    # 1024 is drawn only with the whole training set (1437 images): every trial can train
+    assert _feasibility_error(tmp_path, ", when: {data.subset: [1.0]}") is None
+    # drawn with a tenth (142 images) it cannot, and the message is the one without `when`
+    refused = _feasibility_error(tmp_path, ", when: {data.subset: [0.1]}")
+    assert refused is not None and refused == _feasibility_error(tmp_path, "")
+    assert "search.batch.global_batch: 1024 is more than the 142 training images" in refused
+
+
+def test_accumulation_check_follows_when(tmp_path: Path) -> None:
+    from spaces import SpaceError, load_space
+
+    text = SPACE.format(name="acc").replace(
+        "  batch.global_batch: {choice: [16, 32]}\n",
+        "  batch.micro_batch: {choice: [8, 12]}\n  batch.global_batch: {choice: [48], when: {batch.micro_batch: [%s]}}\n")
+    (tmp_path / "ok.yaml").write_text(text % "12")
+    load_space(tmp_path / "ok.yaml")  # 48 = 12 x 2 workers x 2 steps; with 8 the base 32 = 8 x 2 x 2
+    (tmp_path / "bad.yaml").write_text(text % "8")
+    with pytest.raises(SpaceError, match="no accumulation reaches global batch 32"):
+        load_space(tmp_path / "bad.yaml")  # micro-batch 12 keeps the base 32: not a multiple of 12 x 2

@@ -60,8 +60,14 @@ class SyntheticConfig(_Section):
 class DataConfig(_Section):
     kind: Literal["imagefolder", "cifar10", "cifar100", "digits", "synthetic"] = "digits"
     root: str | None = None
-    """`imagefolder`: folder holding train/<class>/* and val/<class>/*;
-    `cifar10`/`cifar100`: torchvision's dataset folder (downloaded when missing)."""
+    """`imagefolder`: folder holding train/<class>/* and val/<class>/*, or a URI of one on
+    object storage (`s3://bucket/prefix`, `gs://...`: indexed from the listing, staged once
+    per node into `cache_dir`); `cifar10`/`cifar100`: torchvision's dataset folder
+    (downloaded when missing)."""
+    cache_dir: str | None = None
+    """Where each node stages a `root` URI (a local folder on the node's large disk); empty:
+    `$TRICK_SEARCH_DATA_CACHE` on that node, else `staged/` in the machine's data cache
+    (`trainable.staging`). Unused for local roots, which are read in place."""
     image_size: int = Field(224, ge=8, le=1024)
     val_resize: int | None = Field(None, ge=8, le=2048)
     """Shorter side before the centre crop at validation; default round(image_size / crop_pct),
@@ -88,6 +94,10 @@ class DataConfig(_Section):
     def _root_given(self) -> DataConfig:
         if self.kind in ("imagefolder", "cifar10", "cifar100") and not self.root:
             raise ValueError(f"data.root: required when data.kind is {self.kind!r}")
+        if self.root and "://" in self.root and self.kind != "imagefolder":
+            raise ValueError(f"data.root: a URI ({self.root}) is read for data.kind imagefolder only, not {self.kind!r}")
+        if self.cache_dir and "://" in self.cache_dir:
+            raise ValueError(f"data.cache_dir: must be a folder on the node, not a URI ({self.cache_dir})")
         if self.val_resize is not None and self.val_resize < self.image_size:
             raise ValueError(
                 f"data.val_resize: {self.val_resize} must be >= data.image_size ({self.image_size})"

@@ -89,6 +89,9 @@ class Loaders:
     """Corrupt files skipped up front (train and val)."""
     data_config: ModelDataConfig
     """The model's data config: what `normalize` needs."""
+    staging: dict[str, float]
+    """What bringing the data to this node cost this rank (`trainable.staging`: `staging_s`,
+    `staging_bytes`, `staging_files`); empty when the data is read in place."""
 
 
 def _val_indices(num_val: int, rank: int, world_size: int) -> list[int]:
@@ -105,6 +108,7 @@ def build_loaders(cfg: TrainConfig, rank: int, world_size: int, seed: int) -> Lo
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     train, val, classes = build_datasets(cfg)
+    staging = dict(train.staging)
     if cfg.data.decode == "gpu":  # workers read files; decoding and augmentation run on the device
         from trainable.gpu_decode import encoded_datasets
 
@@ -148,4 +152,5 @@ def build_loaders(cfg: TrainConfig, rank: int, world_size: int, seed: int) -> Lo
         num_val=len(val),
         skipped=train.skipped + val.skipped,
         data_config=data_config(cfg.model.name),
+        staging=staging,
     )

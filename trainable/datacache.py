@@ -109,8 +109,9 @@ def _write(folder: Path, arrays: dict[str, np.ndarray], stamp: Mapping[str, Any]
         logger.debug("%s: not cached (%s)", folder, err)
 
 
-def write_atomic_text(path: Path, text: str) -> None:
-    """Write `path` through a temporary file and a rename; a failure only logs."""
+def write_atomic_text(path: Path, text: str, strict: bool = False) -> None:
+    """Write `path` through a temporary file and a rename; a failure only logs (raises
+    with `strict`)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -122,4 +123,6 @@ def write_atomic_text(path: Path, text: str) -> None:
             os.unlink(tmp)
             raise
     except OSError as err:
+        if strict:
+            raise
         logger.debug("%s: not cached (%s)", path, err)

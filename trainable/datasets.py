@@ -4,7 +4,8 @@ Every dataset yields `(image, label)`: `image` a uint8 CHW tensor of shape (3, S
 S = `cfg.data.image_size`, `label` an int; the transforms come from `trainable.data`.
 
 Kinds (`cfg.data.kind`):
-- `imagefolder`: `root/train/<class>/*` and `root/val/<class>/*`, any format PIL opens.
+- `imagefolder`: `root/train/<class>/*` and `root/val/<class>/*`, any format PIL opens;
+  `root` may be a URI on object storage, staged once per node (`trainable.staging`).
 - `cifar10` / `cifar100`: torchvision's dataset folder (downloaded when missing).
 - `digits`: scikit-learn's 8x8 handwritten digits, upsampled once, held in memory.
 - `synthetic`: generated per index (any count, any size), deterministic and learnable.
@@ -34,6 +35,8 @@ from trainable.config import DataError, TrainConfig
 from trainable.datacache import cached_arrays, file_stamp, settled
 from trainable.feasibility import subset_class_count
 from trainable.imagefolder import index_image_folder
+from trainable.staging import stage_image_folder
+from trainable.storage import is_uri
 from trainable.transforms import train_transform, val_transform
 
 __all__ = [
@@ -59,6 +62,8 @@ class ImageDataset(Dataset):
     classes: list[str]
     targets: np.ndarray
     skipped: int = 0
+    staging: dict[str, float] = {}
+    """What bringing the data to this node cost (`trainable.staging`); empty when read in place."""
 
     def __init__(self, classes: list[str], targets: np.ndarray, transform: Callable[[Any], Tensor]):
         self.classes = list(classes)
@@ -84,6 +89,7 @@ class _SubsetDataset(ImageDataset):
         self.classes = base.classes
         self.targets = base.targets[self.indices]
         self.skipped = base.skipped
+        self.staging = base.staging
 
     @property
     def transform(self) -> Callable[[Any], Tensor]:  # type: ignore[override]
@@ -117,11 +123,20 @@ class ImageFolderDataset(ImageDataset):
         transform: Callable,
         skip_corrupt: bool,
         skipped: int = 0,
+        source: tuple[str, str] | None = None,
     ):
         super().__init__(classes, np.asarray(labels, dtype=np.int64), transform)
         self.paths = paths
         self.skip_corrupt = skip_corrupt
         self.skipped = skipped
+        self.source = source
+        """(staged copy, URI): messages name an image by its URI."""
+
+    def shown(self, path: str) -> str:
+        if self.source is None:
+            return path
+        local, uri = self.source
+        return uri + path[len(local):] if path.startswith(local) else path
 
     def load(self, index: int) -> Image.Image:
         path = self.paths[index]
@@ -130,7 +145,7 @@ class ImageFolderDataset(ImageDataset):
                 return im.convert("RGB")  # decodes fully: truncated data fails here
         except Exception as err:  # noqa: BLE001 - any decoder failure is the file's fault
             reason = (err.strerror if isinstance(err, OSError) else None) or str(err) or type(err).__name__
-            raise DataError(f"{path}: cannot decode image ({reason})") from None
+            raise DataError(f"{self.shown(path)}: cannot decode image ({reason})") from None
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         n = len(self.paths)
@@ -145,16 +160,26 @@ class ImageFolderDataset(ImageDataset):
                 continue
             return self.transform(img), int(self.targets[i])
         raise DataError(
-            f"{self.paths[index]}: this and the next {min(n, _MAX_SUBSTITUTES) - 1} images cannot be decoded"
+            f"{self.shown(self.paths[index])}: this and the next {min(n, _MAX_SUBSTITUTES) - 1} images cannot be decoded"
         )
 
 
 def _imagefolder(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, list[str]]:
+    """A local folder is read in place; a URI is staged on this node first (once per node,
+    `trainable.staging`) and its images are named by their URI in messages."""
     assert cfg.data.root is not None  # the config guarantees it
-    index = index_image_folder(cfg.data.root, cfg.data.skip_corrupt)
+    source: tuple[str, str] | None = None
+    staging: dict[str, float] = {}
+    if is_uri(cfg.data.root):
+        staged = stage_image_folder(cfg.data.root, cfg.data.cache_dir)
+        index, staging = staged.index, staged.stats.metrics()
+        source = (staged.local_root, cfg.data.root.rstrip("/"))
+    else:
+        index = index_image_folder(cfg.data.root, cfg.data.skip_corrupt)
     tr, va, skip = index.train, index.val, cfg.data.skip_corrupt
-    train = ImageFolderDataset(tr.paths, tr.labels, index.classes, train_transform(cfg), skip, tr.skipped)
-    val = ImageFolderDataset(va.paths, va.labels, index.classes, val_transform(cfg), skip, va.skipped)
+    train = ImageFolderDataset(tr.paths, tr.labels, index.classes, train_transform(cfg), skip, tr.skipped, source)
+    val = ImageFolderDataset(va.paths, va.labels, index.classes, val_transform(cfg), skip, va.skipped, source)
+    train.staging = staging
     return train, val, index.classes
 
 

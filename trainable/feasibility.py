@@ -17,7 +17,7 @@ import itertools
 import pickle
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +25,8 @@ from pydantic import ValidationError
 
 from trainable.config import ConfigError, DataConfig, DataError, TrainConfig
 from trainable.imagefolder import index_image_folder
+from trainable.listing import list_image_folder
+from trainable.storage import is_uri
 
 __all__ = [
     "CIFAR_FILES",
@@ -73,6 +75,68 @@ class DistributionLike(Protocol):
     low: float | int | None
     high: float | int | None
     when: dict[str, list[Any]]
+
+    def active(self, sampled: Mapping[str, Any]) -> bool:
+        """Whether the key is sampled in a trial whose searched keys took `sampled`."""
+        ...
+
+
+class _Other:
+    """A value of a range key that no `when` condition names."""
+
+    def __repr__(self) -> str:
+        return "<another value>"
+
+
+_OTHER = _Other()
+
+
+def reachable(
+    base: TrainConfig, search: Mapping[str, DistributionLike], paths: Sequence[str],
+    values: Callable[[str], list[Any]],
+) -> list[tuple[Any, ...]]:
+    """Every combination of values of `paths` that a trial can have (distinct, in a stable
+    order): a searched key takes each of `values(path)` in the trials where its `when`
+    holds and its base value in the others; an unsearched key keeps its base value. Keys
+    that only decide a condition take their choices (a range: each value a condition names,
+    and another); a searched range in `paths` also takes the values conditions name."""
+    named: dict[str, list[Any]] = {}
+    for dist in search.values():
+        for key, allowed in dist.when.items():
+            named.setdefault(key, []).extend(allowed)
+    needed: list[str] = []
+    stack = [p for p in paths if p in search]
+    while stack:
+        p = stack.pop()
+        if p not in needed:
+            needed.append(p)
+            stack.extend(k for k in search[p].when if k in search)
+
+    def options(p: str) -> list[Any]:
+        dist = search[p]
+        if p in paths:
+            own = list(values(p))
+            return own if dist.kind == "choice" else [*own, *named.get(p, [])]
+        return list(dist.values or []) if dist.kind == "choice" else [*named.get(p, []), _OTHER]
+
+    out: dict[str, tuple[Any, ...]] = {}
+
+    def walk(pending: list[str], assigned: dict[str, Any], sampled: dict[str, Any]) -> None:
+        if not pending:
+            combo = tuple(assigned[p] if p in assigned else _base_value(base, p) for p in paths)
+            out.setdefault(repr(combo), combo)
+            return
+        # a key whose conditions are decided (a cycle, refused when the space loads, takes the first)
+        p = next((q for q in pending if all(k in assigned for k in search[q].when if k in search)), pending[0])
+        rest = [q for q in pending if q != p]
+        if search[p].active(sampled):
+            for v in options(p):
+                walk(rest, {**assigned, p: v}, {**sampled, p: v})
+        else:
+            walk(rest, {**assigned, p: _base_value(base, p)}, sampled)
+
+    walk(needed, {}, {})
+    return list(out.values())
 
 
 # Arithmetic shared with the training run --------------------------------------------------------
@@ -130,7 +194,8 @@ class TrainingSet:
 
 def training_set(data: DataConfig) -> TrainingSet:
     """The training set of `data`, read the way the run reads it but without torch: an
-    image folder is indexed (every DataError the run would raise comes here), CIFAR's labels
+    image folder is indexed (every DataError the run would raise comes here; one on object
+    storage from its listing, without downloading), CIFAR's labels
     are counted when its extracted folder is there (else the download's known sizes)."""
     if data.kind == "digits":
         return TrainingSet("digits", DIGITS_TRAIN_PER_CLASS)
@@ -139,6 +204,9 @@ def training_set(data: DataConfig) -> TrainingSet:
         return TrainingSet(f"synthetic, {s.num_classes} classes x {s.train_per_class}",
                            (s.train_per_class,) * s.num_classes)
     assert data.root is not None  # the config guarantees it
+    if data.kind == "imagefolder" and is_uri(data.root):  # from the listing: nothing downloaded
+        listed = list_image_folder(data.root)
+        return TrainingSet(f"{listed.uri}/train", listed.class_counts())
     if data.kind == "imagefolder":
         index = index_image_folder(data.root, data.skip_corrupt)
         counts = Counter(index.train.labels)
@@ -208,14 +276,13 @@ def check_space_feasible(
     some trial reaches it after fewer than `FEW_UPDATES` optimizer updates."""
     options = {path: _possible(base, dist, path) for path, dist in search.items()}
     ranges = {path for path, dist in search.items() if dist.kind != "choice"}
-    check = _Check(base, options, ranges, lambda path, searched: f"{source}: {'search' if searched else 'train'}.{path}")
+    check = _Check(base, options, ranges, lambda path, searched: f"{source}: {'search' if searched else 'train'}.{path}",
+                   search)
     check.run()
     if first_rung:
         fewest = min(
             (updates_per_epoch(ts.after_subset(subset), gb, 1 if mb == "auto" else mb, nw), gb)
-            for (_, ts), subset, gb, mb, nw in itertools.product(
-                check.sources(), check.values(_SUBSET), *(check.values(p) for p in _BATCH_KEYS))
-            if gb >= (1 if mb == "auto" else mb) * nw
+            for ts, subset, gb, mb, nw in check.trials() if ts is not None and gb >= (1 if mb == "auto" else mb) * nw
         )
         if fewest[0] * first_rung < FEW_UPDATES:
             logger.warning(
@@ -235,13 +302,20 @@ def _base_value(cfg: TrainConfig, path: str) -> Any:
     return node
 
 
-def _possible(base: TrainConfig, dist: DistributionLike, path: str) -> list[Any]:
-    """The values to check for a searched key: every choice, or the two bounds of a range
-    (every key checked here acts monotonically, so the bounds decide); with a `when`
-    condition also the base value, which trials where it does not hold keep."""
+def _sampled(dist: DistributionLike) -> list[Any]:
+    """The values to check for a searched key where it is sampled: every choice, or the two
+    bounds of a range (every key checked here acts monotonically, so the bounds decide)."""
     values = list(dist.values or []) if dist.kind == "choice" else [dist.low, dist.high]
     if dist.kind == "int":
         values = [int(v) for v in values if v is not None]
+    return list(dict.fromkeys(values))
+
+
+def _possible(base: TrainConfig, dist: DistributionLike, path: str) -> list[Any]:
+    """Every value a searched key can have in a trial (what messages list): its sampled
+    values, and with a `when` condition also the base value, which trials where it does not
+    hold keep."""
+    values = _sampled(dist)
     if dist.when:
         values.append(_base_value(base, path))
     return list(dict.fromkeys(values))
@@ -264,47 +338,67 @@ class _Check:
     options: Mapping[str, list[Any]]
     ranges: set[str]
     key: KeyName
+    search: Mapping[str, DistributionLike] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._sets: dict[str, TrainingSet | None] = {}
 
     def values(self, path: str) -> list[Any]:
         return list(self.options.get(path) or [_base_value(self.base, path)])
 
+    def combos(self, paths: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The combinations of `paths` a trial can have (`when` conditions followed)."""
+        return reachable(self.base, self.search, paths, lambda p: _sampled(self.search[p]))
+
+    def trials(self) -> list[tuple[TrainingSet | None, float, int, Any, int]]:
+        """(training set, subset, global batch, micro-batch, workers) of every trial there
+        can be; the training set is None where the config's own checks refuse the data keys."""
+        n = len(_SOURCE_KEYS)
+        return [(self._set(c[:n]), *c[n:]) for c in self.combos((*_SOURCE_KEYS, _SUBSET, *_BATCH_KEYS))]
+
     def run(self) -> None:
-        for value in self.values(_PRETRAINED):
+        for (value,) in self.combos((_PRETRAINED,)):
             check_pretrained(value, self.key(_PRETRAINED, _PRETRAINED in self.options))
         sources = self.sources()
         failures = []
-        for (picked, ts), subset, gb, mb, nw in itertools.product(
-            sources, self.values(_SUBSET), *(self.values(p) for p in _BATCH_KEYS)
-        ):
+        n = len(_SOURCE_KEYS)
+        for combo in self.combos((*_SOURCE_KEYS, _SUBSET, *_BATCH_KEYS)):
+            ts = self._set(combo[:n])
+            subset, gb, mb, nw = combo[n:]
             mb = 1 if mb == "auto" else mb  # an update needs one micro-batch per worker, whatever its size
-            if gb < mb * nw:  # no whole accumulation: refused by the config's own checks
+            if ts is None or gb < mb * nw:  # refused by the config's own checks (no whole accumulation)
                 continue
-            n = ts.after_subset(subset)
-            if updates_per_epoch(n, gb, mb, nw) < 1:
-                failures.append(_Failure(picked, ts, subset, gb, mb, nw, n))
+            images = ts.after_subset(subset)
+            if updates_per_epoch(images, gb, mb, nw) < 1:
+                failures.append(_Failure(dict(zip(_SOURCE_KEYS, combo)), ts, subset, gb, mb, nw, images))
         if failures:
             worst = min(failures, key=lambda f: (f.images, -f.global_batch))
             raise ConfigError(self.explain(worst, sources))
 
     def sources(self) -> list[tuple[dict[str, Any], TrainingSet]]:
         """Every training set a run can have, with the values of the keys that chose it."""
-        out: list[tuple[dict[str, Any], TrainingSet]] = []
-        seen: dict[str, TrainingSet] = {}
-        base_data = self.base.data.model_dump()
-        for combo in itertools.product(*(self.values(p) for p in _SOURCE_KEYS)):
-            data = {**base_data, "synthetic": dict(base_data["synthetic"])}
-            for path, value in zip(_SOURCE_KEYS, combo):
-                parts = path.split(".")[1:]
-                (data["synthetic"] if len(parts) == 2 else data)[parts[-1]] = value
-            try:
-                cfg = DataConfig.model_validate(data)
-            except ValidationError:  # a combination the config's own checks refuse in the trial
-                continue
-            ident = repr(cfg.model_dump(include={"kind", "root", "skip_corrupt", "synthetic"}))
-            if ident not in seen:
-                seen[ident] = training_set(cfg)
-            out.append((dict(zip(_SOURCE_KEYS, combo)), seen[ident]))
+        out = []
+        for combo in self.combos(_SOURCE_KEYS):
+            ts = self._set(combo)
+            if ts is not None:
+                out.append((dict(zip(_SOURCE_KEYS, combo)), ts))
         return out
+
+    def _set(self, combo: Sequence[Any]) -> TrainingSet | None:
+        """The training set the data keys `combo` (values of `_SOURCE_KEYS`) give, read once."""
+        base_data = self.base.data.model_dump()
+        data = {**base_data, "synthetic": dict(base_data["synthetic"])}
+        for path, value in zip(_SOURCE_KEYS, combo):
+            parts = path.split(".")[1:]
+            (data["synthetic"] if len(parts) == 2 else data)[parts[-1]] = value
+        try:
+            cfg = DataConfig.model_validate(data)
+        except ValidationError:  # a combination the config's own checks refuse in the trial
+            return None
+        ident = repr(cfg.model_dump(include={"kind", "root", "skip_corrupt", "synthetic"}))
+        if ident not in self._sets:
+            self._sets[ident] = training_set(cfg)
+        return self._sets[ident]
 
     def explain(self, f: _Failure, sources: Sequence[tuple[dict[str, Any], TrainingSet]]) -> str:
         """One line: which value does not fit, the training set's size, and what would fit.

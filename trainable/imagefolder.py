@@ -28,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from trainable.config import DataError
 from trainable.datacache import SETTLE_S, data_cache_dir, write_atomic_text
 
-__all__ = ["FolderIndex", "Split", "index_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "FolderIndex", "Split", "class_mismatch", "index_image_folder", "is_hidden"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class FolderIndex:
     val: Split
 
 
-_IMAGE_EXTENSIONS = {ext.lower() for ext in Image.registered_extensions()} | {".jpg", ".jpeg", ".png"}
+IMAGE_EXTENSIONS = {ext.lower() for ext in Image.registered_extensions()} | {".jpg", ".jpeg", ".png"}
 
 
 def _probe(path: str) -> str | None:
@@ -68,12 +68,24 @@ def _probe(path: str) -> str | None:
     return None
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def class_mismatch(train: list[str], val: list[str]) -> str:
+    """How two class lists differ: `only in train: a; only in val: c`."""
+    parts = []
+    only_train = sorted(set(train) - set(val))
+    only_val = sorted(set(val) - set(train))
+    if only_train:
+        parts.append(f"only in train: {', '.join(only_train)}")
+    if only_val:
+        parts.append(f"only in val: {', '.join(only_val)}")
+    return "; ".join(parts)
+
+
 def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not _is_hidden(e.name))
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not is_hidden(e.name))
 
 
 def _class_files(class_dir: Path, mtimes: dict[str, int]) -> list[str]:
@@ -82,11 +94,11 @@ def _class_files(class_dir: Path, mtimes: dict[str, int]) -> list[str]:
     out: list[str] = []
     mtimes[str(class_dir)] = os.stat(class_dir).st_mtime_ns
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
         for d in dirnames:
             sub = os.path.join(dirpath, d)
             mtimes[sub] = os.stat(sub).st_mtime_ns
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not _is_hidden(f))
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not is_hidden(f))
     return out
 
 
@@ -119,7 +131,7 @@ def _scan_split(
             if reason is None:
                 paths.append(path)
                 labels.append(label)
-            elif Path(path).suffix.lower() not in _IMAGE_EXTENSIONS:
+            elif Path(path).suffix.lower() not in IMAGE_EXTENSIONS:
                 ignored += 1
             elif skip_corrupt:
                 logger.warning("skipping corrupt image %s (%s)", path, reason)
@@ -160,14 +172,7 @@ def index_image_folder(root_path: str, skip_corrupt: bool) -> FolderIndex:
         raise DataError(f"{train_dir}: no class folders")
     val_classes = _class_dirs(val_dir)
     if val_classes != classes:
-        only_train = sorted(set(classes) - set(val_classes))
-        only_val = sorted(set(val_classes) - set(classes))
-        parts = []
-        if only_train:
-            parts.append(f"only in train: {', '.join(only_train)}")
-        if only_val:
-            parts.append(f"only in val: {', '.join(only_val)}")
-        raise DataError(f"{val_dir}: class folders differ from {train_dir} ({'; '.join(parts)})")
+        raise DataError(f"{val_dir}: class folders differ from {train_dir} ({class_mismatch(classes, val_classes)})")
     train = Split(*_scan_split(train_dir, classes, skip_corrupt, mtimes))
     val = Split(*_scan_split(val_dir, classes, skip_corrupt, mtimes))
     index = FolderIndex(str(root), classes, train, val)

@@ -43,6 +43,7 @@ IDENTITY_EXCLUDED = frozenset({
     "distributed.max_failures",  # fault policy
     "distributed.compile",  # the same model, compiled or not
     "data.decode",  # where JPEGs are decoded and augmented, not how
+    "data.cache_dir",  # where a node keeps its copy of the data
 })
 """Key paths that do not change the training maths: a run resumes across them."""
 
