@@ -100,26 +100,39 @@ def run_search(
 ) -> SearchOutcome:
     """Run (or with `resume`, continue) the search; `callbacks` are extra Tune callbacks.
     A resumed search first reconciles the study with Tune's last snapshot
-    (`search.experiment.resume.reconcile`); one killed before Tune saved anything starts Tune afresh."""
+    (`search.experiment.resume.reconcile`, with the scheduler's decisions read back from
+    `audit.json`); one killed before Tune saved anything starts Tune afresh. The driver holds
+    the experiment's lease (`search.experiment.lease`) throughout: a second driver is refused."""
     from search.experiment.audit import read_audit
+    from search.experiment.lease import DriverLease
+    from search.phases.schedulers import make_scheduler
     from search.phases.search import build_tuner
     from search.phases.trial import check_resources
 
-    connect(address)
-    fits = check_resources(space)
-    concurrent = space.experiment.max_concurrent_trials or fits
-    restore = False
+    lease = DriverLease(exp.store, exp.path)
     if resume:
-        from search.experiment.resume import reconcile
+        from search.experiment.ray_private import check_resume
 
-        restore = reconcile(exp, space).tune_state
-    else:
-        record_space(exp, space, sets)
-    tuner = build_tuner(space, exp, concurrent, restore, callbacks)
-    results = tuner.fit()
-    rows = summarise(results, space, audited=read_audit(exp))
-    run_confirmation(space, exp, rows, concurrent, callbacks)
-    return SearchOutcome(exp, rows, results, write_answer(exp, space))
+        check_resume()
+    lease.acquire()
+    try:
+        connect(address)
+        fits = check_resources(space)
+        concurrent = space.experiment.max_concurrent_trials or fits
+        restore = False
+        if resume:
+            from search.experiment.resume import reconcile
+
+            restore = reconcile(exp, space, make_scheduler(space, exp)).tune_state
+        else:
+            record_space(exp, space, sets)
+        tuner = build_tuner(space, exp, concurrent, restore, callbacks)
+        results = tuner.fit()
+        rows = summarise(results, space, audited=read_audit(exp))
+        run_confirmation(space, exp, rows, concurrent, callbacks)
+        return SearchOutcome(exp, rows, results, write_answer(exp, space))
+    finally:
+        lease.release()
 
 
 def run_confirmation(
@@ -135,9 +148,13 @@ def run_confirmation(
 
     if not space.confirmed or not finished(rows):
         return
-    if any(r.status in ("error", "unfinished") for r in rows):  # --resume completes the search first
+    if any(r.status == "unfinished" for r in rows):  # --resume completes the search first
         logger.warning("confirmation not started: some search trials did not end (see below)")
         return
+    errored = [r for r in rows if r.status == "error"]
+    if errored:  # the confirmation starts from the trials that finished; --resume may retry these
+        logger.warning("%d of %d search trials failed (%s); the confirmation starts from the others",
+                       len(errored), len(rows), ", ".join(r.trial_id for r in errored))
     plan = confirm_plan(rows, space)
     logger.info("confirmation: %s on seeds %s", ", ".join(e.label for e in plan), space.confirm_seeds)
     confirmed = read_phase(exp, CONFIRM, space, run_phase(space, exp, CONFIRM, plan, concurrent, callbacks, launch))
@@ -147,7 +164,7 @@ def run_confirmation(
     ablations = ablation_plan(decision.winner.entry, space)
     if ablations or phase_exists(exp, ABLATE):
         logger.info("ablation of %s: %s", decision.winner.entry.label, ", ".join(e.label for e in ablations))
-        run_phase(space, exp, ABLATE, ablations, concurrent, callbacks, launch)
+        run_phase(space, exp, ABLATE, ablations, concurrent, callbacks, launch, seeds=decision.winner.seeds)
 
 
 def write_answer(exp: Experiment, space: Space) -> dict[str, Any]:
@@ -227,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     line = storage_failure(exp, trial_errors=[r.error or "" for r in errors]) if errors else None
     if line is not None:
         print(f"error: {line}", file=sys.stderr)
+        return 1
+    state = (outcome.answer or {}).get("state")
+    if state != "finished":  # the report's state says why (searching, confirming, ablating)
+        print(f"error: the experiment ended without an answer (state: {state}); the report says why, "
+              f"and --resume continues it", file=sys.stderr)
         return 1
     return 1 if ended_badly and not done else 0
 
