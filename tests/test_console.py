@@ -515,37 +515,56 @@ def _run_console(space, exp, sets, callbacks) -> SimpleNamespace:
         tune.with_resources(tune.with_parameters(run_trial, space=space, runs_path=exp.runs, launch=_console_launch),
                             {"CPU": 0, "memory": 2**20}),
         tune_config=tune.TuneConfig(search_alg=make_searcher(space, exp.study_db), scheduler=make_scheduler(space, exp),
-                                    num_samples=space.experiment.num_samples, max_concurrent_trials=2),
+                                    num_samples=space.experiment.num_samples, max_concurrent_trials=4),
         run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage, verbose=ray_verbosity(callbacks),
                                   callbacks=[TrialLines(space), *callbacks]),
     )
     rows = summarise(tuner.fit(), space)
-    run_confirmation(space, exp, rows, concurrent=2, callbacks=callbacks, launch=_console_launch)
+    run_confirmation(space, exp, rows, concurrent=4, callbacks=callbacks, launch=_console_launch)
     return SimpleNamespace(rows=rows, answer=write_answer(exp, space))
 
 
 @pytest.mark.slow
-def test_the_whole_console_of_a_quickstart_shaped_search(ray_address, tmp_path, capsys):
+def test_the_whole_console_of_a_quickstart_shaped_search(ray_address, tmp_path, capsys, monkeypatch):
     """The quickstart's shape (10 trials, ASHA, 2 candidates and the baseline on 3 seeds, an
     ablation) with a fake run: the console is the header, each phase's title, one line per
     ended trial, its progress and summary, and the answer; nothing of Ray's, at most 80
     lines. The terminal's bar is checked on a second stream fed by the same Tune runs."""
     from search.experiment.folder import experiment_for
-    from search.phases.console import LIVE, PhaseProgress, answer_block, configure_console, header
+    from search.phases.console import (
+        LIVE,
+        NEW_OUTPUT_ENV,
+        QUIET_LOGGERS,
+        PhaseProgress,
+        answer_block,
+        configure_console,
+        header,
+    )
     from spaces import QUICKSTART
+    from trainable.cluster import SKIP_LINES_ENV
 
     sets = [f"experiment.storage_path={tmp_path}", "experiment.name=console", "train.run.epochs=4",
             "experiment.sampler={kind: random, seed: 1}", "search.batch.global_batch=null"]
     space = load_space(QUICKSTART, sets)
     exp = experiment_for(space)
+    for key in (NEW_OUTPUT_ENV, SKIP_LINES_ENV):
+        monkeypatch.delenv(key, raising=False)  # restored at the end
+    names = ["", "search", "spaces", "trainable", *QUIET_LOGGERS]
+    levels, handlers = {n: logging.getLogger(n).level for n in names}, list(logging.getLogger().handlers)
     configure_console(verbose=False)
     tty = io.StringIO()
-    plain = PhaseProgress(space, tty=False, interval=2.0)  # on stdout, as the CLI's
+    plain = PhaseProgress(space, tty=False, interval=10.0)  # on stdout, as the CLI's
     bar = PhaseProgress(space, stream=tty, tty=True)
-    print(header(space, exp))
-    outcome = _run_console(space, exp, sets, [plain, bar])
-    print(answer_block(outcome.answer, exp))
-    console = capsys.readouterr().out
+    try:
+        print(header(space, exp))
+        outcome = _run_console(space, exp, sets, [plain, bar])
+        print(answer_block(outcome.answer, exp))
+    finally:
+        logging.getLogger().handlers[:] = handlers
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+    captured = capsys.readouterr()
+    console = captured.out + captured.err
     lines = console.splitlines()
     assert len(lines) <= 80, console
     assert lines[0].startswith("experiment: console") and f"tensorboard --logdir {exp.path}" in console
@@ -555,6 +574,8 @@ def test_the_whole_console_of_a_quickstart_shaped_search(ray_address, tmp_path, 
     trial_lines = [ln for ln in lines if ln.startswith("trial ")]
     assert len([ln for ln in trial_lines if " seed " not in ln]) == space.experiment.num_samples  # every search trial
     assert len([ln for ln in trial_lines if ("candidate" in ln or "baseline" in ln) and " seed " in ln]) == n_confirm
+    later = [ln for ln in trial_lines if " seed " in ln and f" seed {space.confirm_seeds[0]}" not in ln]
+    assert later and not any("=" in ln for ln in later)  # a config's values once, on its first seed's line
     for phase, n in (("search", space.experiment.num_samples), ("confirmation", n_confirm)):
         assert f"{phase}: {n} {'trials' if phase == 'search' else 'runs'}" in lines
         assert any(ln.startswith(f"{phase} ended after ") for ln in lines)

@@ -10,7 +10,8 @@ One line per trial that ended:
     trial c50932a5  mix.mode=mixup mixup_alpha=0.263 label_smoothing=0.1 global_batch=64  val_acc 0.8583  epochs 5/5  done
     trial 6b75a67e  mix.mode=none label_smoothing=0 global_batch=128  val_acc 0.4410  epochs 2/5  stopped early by ASHA
     trial 77d1c2a0  mix.mode=cutmix cutmix_alpha=0.61 ...  val_acc -  epochs 1/5  diverged: non-finite loss at epoch 2, ...
-    trial 40b1e_00000  candidate 1: mix.mode=mixup mixup_alpha=0.126  val_acc 0.9194  epochs 5/5  done (mean of 3 seeds)
+    trial 40b1e_00000  candidate 1 seed 1000: mix.mode=mixup mixup_alpha=0.126  val_acc 0.9194  epochs 5/5  done
+    trial 40b1e_00003  candidate 1 seed 1001  val_acc 0.9211  epochs 5/5  done
 
 The score is the metric at the trial's last reported epoch (what ASHA compared and Optuna
 was told), not its best epoch; a trial that trained several seeds one after another
@@ -120,6 +121,9 @@ class TrialLines(Callback):
     def line(self, trial: Any, error: str | None = None) -> str:
         """The line of `trial` as it ended (`error`: Tune's reason when it failed)."""
         values, label, score, epochs, target, why = self.outcome(trial, error)
+        seed = (getattr(trial, "config", None) or {}).get("seed")
+        if seed is not None and self.space.confirm_seeds and seed != self.space.confirm_seeds[0]:
+            values = {}  # a config's later seed-runs: its values are on its first seed's line
         return trial_line(str(trial.trial_id), self._shown(values, label), self.metric, score, epochs, target, why)
 
     def outcome(
@@ -256,17 +260,25 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 WORKER_LINES = r"(?i)^(?!.*(error|exception|traceback|killed|out of memory))"
 """Worker output the console leaves out unless `--verbose`: every line that does not look like
 a failure (epoch lines, Ray Train's start-up lines). They stay in each run's log and in Ray's
 session logs; a failed trial also says why on its own line."""
 
 
+QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray._private.worker", "optuna")
+"""Libraries whose INFO lines (Tune's 'wrote the experiment state', Ray's start-up, Optuna's
+'a new study created') the console leaves out unless `--verbose`; they log on their own handlers."""
+
+
 def configure_console(verbose: bool) -> None:
-    """The CLI's console: log records of this project at INFO, of libraries at WARNING (no
-    stray INFO lines such as matplotlib's font cache), on stdout; without `verbose`, worker
-    output that is not a failure stays off the console (`WORKER_LINES`; a user's own
-    `RAY_DEDUP_LOGS_SKIP_REGEX` wins). Call before connecting to Ray."""
+    """The CLI's console: log records of this project at INFO, of other libraries at WARNING
+    (no stray INFO lines such as matplotlib's font cache), on stdout above the progress line.
+    Without `verbose`: Tune's legacy console engine at verbosity 0 (the new engine prints its
+    experiment table at any verbosity; `ray_verbosity`), worker output that is not a failure
+    off the console (`WORKER_LINES`; a user's own `RAY_DEDUP_LOGS_SKIP_REGEX` wins) and
+    `QUIET_LOGGERS` at WARNING. Call before connecting to Ray."""
     handler = _ConsoleHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
@@ -275,7 +287,10 @@ def configure_console(verbose: bool) -> None:
     for name in ("search", "spaces", "trainable"):
         logging.getLogger(name).setLevel(logging.INFO)
     if not verbose:
+        os.environ[NEW_OUTPUT_ENV] = "0"
         os.environ.setdefault(SKIP_LINES_ENV, f"{QUIET_WORKER_LINES}|{WORKER_LINES}")
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def ray_verbosity(callbacks: Sequence[Any] | None) -> int | None:
