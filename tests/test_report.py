@@ -33,10 +33,17 @@ KEYS = ["mix.mode", "mix.mixup_alpha", "label_smoothing", "augment.randaugment.e
 
 
 # A fixed answer -------------------------------------------------------------------------------------------
-def _config(label: str, role: str, changed: list[str], values: list[float]) -> dict[str, Any]:
+BASE = {"mix.mode": "none", "mix.mixup_alpha": 0.2, "label_smoothing": 0.0, "augment.randaugment.enabled": False}
+
+
+def _config(label: str, role: str, changed: dict[str, Any], values: list[float]) -> dict[str, Any]:
+    """A confirmed config: its full values (keys it does not use at their base value) and its active keys."""
     m = sum(values) / len(values)
+    config = {**BASE, **changed}
+    active = [k for k in KEYS if k != "mix.mixup_alpha" or config["mix.mode"] == "mixup"]
+    tricks = [k for k in ("mix.mode", "label_smoothing", "augment.randaugment.enabled") if config[k] != BASE[k]]
     return {"label": label, "role": role, "search_trial": None, "search_score": None,
-            "config": {k: "x" for k in changed}, "changed": changed, "mean": m, "std": statistics.stdev(values),
+            "config": config, "changed": tricks, "active": active, "mean": m, "std": statistics.stdev(values),
             "ci95": [m - 0.01, m + 0.01], "seeds": [1001, 1002, 1003], "values": values}
 
 
@@ -57,10 +64,11 @@ def _search_trials() -> list[dict[str, Any]]:
 
 def answer() -> dict[str, Any]:
     """A finished experiment with a clear winner."""
-    c1 = _config("candidate 1", "candidate", ["mix.mode", "label_smoothing"], [0.96, 0.958, 0.968])
-    c2 = _config("candidate 2", "candidate", ["mix.mode"], [0.955, 0.95, 0.96])
-    base = _config("baseline", "baseline", [], [0.95, 0.945, 0.955])
-    confirm_runs = [{"trial_id": f"c{i}{s}", "phase": "confirm", "label": c["label"], "values": {},
+    c1 = _config("candidate 1", "candidate", {"mix.mode": "cutmix", "label_smoothing": 0.1}, [0.96, 0.958, 0.968])
+    c2 = _config("candidate 2", "candidate", {"mix.mode": "mixup", "mix.mixup_alpha": 0.3}, [0.955, 0.95, 0.96])
+    base = _config("baseline", "baseline", {}, [0.95, 0.945, 0.955])
+    confirm_runs = [{"trial_id": f"c{i}{s}", "phase": "confirm", "label": c["label"], "values": c["config"],
+                     "active": c["active"],
                      "status": "done", "audited": False, "score": v, "best": v, "epochs": 4, "seed": s,
                      "curve": [[4, v]]}
                     for i, c in enumerate((c1, c2, base)) for s, v in zip(c["seeds"], c["values"])]
@@ -84,6 +92,7 @@ def answer() -> dict[str, Any]:
         "late_bloomers": [{"trial_id": "t2", "rung": 1, "rung_score": 0.62, "final": 0.92}],
         "trials": _search_trials() + confirm_runs, "searched_keys": KEYS,
         "tricks": {"mix.mode": ["mix.mixup_alpha"], "label_smoothing": [], "augment.randaugment.enabled": []},
+        "rungs": {"epochs": [1, 2], "restarts": True},
     }
 
 
@@ -122,10 +131,11 @@ def test_a_winner_report_holds_every_section_and_plot(tmp_path):
     assert "Budget: search trials up to 4 epochs (31 trial-epochs), confirmation runs 4 epochs (84 trial-epochs)" in md
     assert ("**Verdict: winner.** It beats the runner-up (candidate 2) by +0.7 ± 0.5 pp "
             "and the baseline by +1.2 ± 0.8 pp") in md
-    # the confirmation table: label, changed tricks, mean ± CI, std, per seed, P(best)
-    assert ("| candidate 1 | mix.mode, label_smoothing | 96.20% ± 1.00 pp | 0.53 pp "
+    # the confirmation table: label, what changed (the keys it uses), mean ± CI, std, per seed, P(best)
+    assert ("| candidate 1 | mix.mode=cutmix, label_smoothing=0.1 | 96.20% ± 1.00 pp | 0.53 pp "
             "| 96.00%, 95.80%, 96.80% | 0.71 |") in md
-    assert "| baseline | - | 95.00% ± 1.00 pp |" in md
+    assert "| candidate 2 | mix.mode=mixup, mix.mixup_alpha=0.3 |" in md
+    assert "| baseline | (the baseline) | 95.00% ± 1.00 pp |" in md
     # the ablation in the Bag-of-Tricks style; an interval across 0 is said to be one
     assert "| mix.mode: +0.8 ± 0.3 pp | mix.mode=none, mix.cutmix_alpha=1.0 | +0.6, +0.9, +0.9 |" in md
     assert "label_smoothing: +0.1 ± 0.5 pp (CI contains 0)" in md
@@ -137,7 +147,7 @@ def test_a_winner_report_holds_every_section_and_plot(tmp_path):
     assert "trial t2: rung 1 score 62.00%, final 92.00%" in md
     # the trial table: the score is the last epoch's, the best is extra; audited marked
     row_t2 = next(line for line in md.splitlines() if line.startswith("| t2 |"))
-    assert "| cutmix | - | 0.1 | False | 92.00% | 92.10% | 4 | done | yes |" in row_t2
+    assert "| cutmix | – | 0.1 | False | 92.00% | 92.10% | 4 | done | yes |" in row_t2  # alpha: mixup's only
     assert any(line.startswith("| c01001 | confirm | candidate 1 | 1001 |") for line in md.splitlines())
     # every image is linked relatively and exists
     assert sorted(_images(md)) == sorted(names - {"report.json", "report.md"})
@@ -148,17 +158,23 @@ def test_a_tie_says_the_simpler_config_was_preferred(tmp_path):
     a = answer()
     a.update(verdict="tie", vs_runner_up={"delta": 0.004, "ci95": [-0.002, 0.010]})
     md = (write_report(a, tmp_path)[-1]).read_text()
-    assert "**Verdict: tie.** The runner-up (candidate 2) is statistically tied with the winner" in md
-    assert "+0.4 ± 0.6 pp" in md and "the simpler config (fewer tricks changed from the baseline) was preferred" in md
+    assert ("**Verdict: tie.** candidate 2, the best by mean, is statistically tied with the winner "
+            "(paired difference +0.4 ± 0.6 pp, 95% CI contains 0)") in md
+    assert "the simpler config (fewer tricks changed from the baseline) was preferred" in md
     assert "It beats" not in md
 
 
 def test_no_gain_says_plainly_that_no_combination_beat_the_baseline(tmp_path):
     a = answer()
-    a.update(verdict="no gain over baseline", vs_baseline={"delta": 0.001, "ci95": [-0.004, 0.006]})
+    # the baseline is the answer; the runner-up is the best other config, the difference the baseline's minus its
+    a.update(verdict="no gain over baseline", winner=a["baseline"], runner_up=a["confirm"][0], vs_baseline=None,
+             vs_runner_up={"delta": -0.001, "ci95": [-0.006, 0.004]})
     md = render_markdown(a)
-    assert "No trick combination beat the baseline on this data" in md
-    assert "paired difference to the baseline +0.1 ± 0.5 pp" in md
+    assert ("No trick combination beat the baseline on this data: the best other config by mean, candidate 1, "
+            "differs from the baseline by +0.1 ± 0.5 pp (paired over the same seeds; its 95% CI does not lie "
+            "above 0).") in md
+    a.update(runner_up=None, vs_runner_up=None)  # nothing else finished: no difference, and why
+    assert "no other config finished every seed, so there is no difference to show" in render_markdown(a)
 
 
 def test_an_unconfirmed_answer_rests_on_one_seed_and_says_what_did_not_run(tmp_path):
@@ -220,6 +236,67 @@ def test_the_report_replaces_its_own_files_and_nothing_else(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
     with pytest.raises(ConfigError, match="not a folder"):
         write_report(answer(), mine)
+
+
+def _prose(md: str) -> list[str]:
+    """The report's sentences: every line that is not a table row, heading, image or blank."""
+    return [ln for ln in md.splitlines() if ln.strip() and not ln.startswith(("|", "#", "!["))]
+
+
+@pytest.mark.parametrize("verdict", ["winner", "tie", "no gain over baseline", "unconfirmed"])
+def test_the_text_reads_without_a_manual(tmp_path, verdict):
+    """Every sentence has its numbers (no "-" standing for a missing difference), a key a
+    config does not use is "–" (never its base value), and the figures say how to read them."""
+    a = answer()
+    if verdict == "tie":
+        a.update(verdict=verdict, vs_runner_up={"delta": 0.004, "ci95": [-0.002, 0.010]})
+    elif verdict == "no gain over baseline":
+        a.update(verdict=verdict, winner=a["baseline"], runner_up=a["confirm"][0], vs_baseline=None,
+                 vs_runner_up={"delta": -0.001, "ci95": [-0.006, 0.004]})
+    elif verdict == "unconfirmed":
+        a.update(verdict=verdict, vs_runner_up=None, vs_baseline=None, p_best={})
+    write_report(a, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    for line in _prose(md):
+        assert not re.search(r"(^|[\s(])-([\s,.;)]|$)", line.removeprefix("- ")), line  # a list item's dash aside
+        assert "?" not in line.replace("?)", ""), line
+    if verdict != "unconfirmed":  # the verdict states its paired difference, with its CI
+        line = next(ln for ln in md.splitlines() if ln.startswith("**Verdict"))
+        assert re.search(r"[+-]\d+\.\d+ ± \d+\.\d+ pp", line), line
+    # the trial table: a confirmation run of a config that does not use a key shows "–" there, never its base value
+    head = next(ln for ln in md.splitlines() if ln.startswith("| trial | phase |"))
+    col = [c.strip() for c in head.strip("|").split("|")].index("mix.mixup_alpha")
+    cells = {ln.split("|")[3].strip(): [c.strip() for c in ln.strip("|").split("|")][col]
+             for ln in md.splitlines() if re.match(r"\| c\d100\d \| confirm \|", ln)}
+    assert cells == {"candidate 1": "–", "candidate 2": "0.3", "baseline": "–"}
+    assert "0.2" not in [c for c in cells.values()]  # the base value of a key the config does not use
+    # the figures' captions say how to read them
+    assert "*Each config's gain over the baseline, paired by seed" in md
+    assert "Dotted lines: the rungs (epoch 1, 2)" in md
+    assert ("The curves dip just after a rung because the rung schedule anneals the learning rate to its floor at "
+            "each rung") in md
+
+
+def test_the_confirmation_figure_is_the_paired_difference_of_the_verdict():
+    """Its numbers are `paired_gain`'s, the verdict's: the same floor and bounds."""
+    from search.answer.decide import paired_gain
+    from search.experiment.phases import Entry, Measured
+
+    a = answer()
+    rows = {r["label"]: r for r in report_plots.paired_to_baseline(a)}
+    assert set(rows) == {"candidate 1", "candidate 2"}
+    base = a["baseline"]
+    for c in a["confirm"][:2]:
+        m = Measured(Entry(c["label"], c["role"], c["config"]), "t", seeds=c["seeds"], values=c["values"])
+        b = Measured(Entry("baseline", "baseline", base["config"]), "b", seeds=base["seeds"], values=base["values"])
+        floor = 0.001  # the values move in steps of 1/1000
+        want = paired_gain(m, b, 1.0, floor)
+        got = rows[c["label"]]
+        assert got["delta"] == pytest.approx(want["delta"]) and got["ci95"] == pytest.approx(want["ci95"])
+        assert got["diffs"] == pytest.approx([x - y for x, y in zip(c["values"], base["values"])])
+    a.update(mode="min", metric="val_loss")  # lower is better: a gain is the baseline minus the config
+    assert report_plots.paired_to_baseline(a)[0]["diffs"] == pytest.approx(
+        [y - x for x, y in zip(a["confirm"][0]["values"], base["values"])])
 
 
 def test_a_loss_metric_prints_raw_deltas():

@@ -37,6 +37,7 @@ def _summary(m: Measured, space: Space, floor: float = 0.0) -> dict[str, Any]:
         "search_score": m.entry.search_score,
         "config": m.entry.values,
         "changed": space.changed_tricks(m.entry.values),
+        "active": list(space.active_values(m.entry.values)),
         "mean": s.mean if s else None,
         "std": s.std if finite else None,
         "ci95": list(s.ci95) if finite else None,
@@ -91,7 +92,8 @@ def _trials(rows: list[TrialRow], phases: dict[str, list[Measured]], space: Spac
                 score = m.values[m.seeds.index(seed)] if seed in m.seeds else None
                 best = (max(vals) if space.experiment.mode == "max" else min(vals)) if vals else None
                 out.append({"trial_id": m.trial_ids.get(seed, m.trial_id), "phase": phase, "label": m.entry.label,
-                            "values": m.entry.values, "status": "done" if seed in m.seeds else m.status,
+                            "values": m.entry.values, "active": list(space.active_values(m.entry.values)),
+                            "status": "done" if seed in m.seeds else m.status,
                             "audited": False, "score": score, "best": best,
                             "epochs": max((e for e, _ in curve), default=0), "seed": seed,
                             "curve": [list(p) for p in curve]})
@@ -194,4 +196,5 @@ def build_answer(exp: Experiment, space: Space | None = None, results: Any = Non
         "trials": _trials(rows, {CONFIRM: confirm, ABLATE: ablate}, space),
         "searched_keys": list(space.searched_paths),
         "tricks": space.tricks,
+        "rungs": {"epochs": space.rung_epochs(), "restarts": bool(space.trial_config({}).schedule.restarts)},
     }

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
-__all__ = ["PLOTS", "plot_ablation", "plot_confirm", "plot_curves", "plot_rungs", "rung_points"]
+__all__ = ["PLOTS", "paired_to_baseline", "plot_ablation", "plot_confirm", "plot_curves", "plot_rungs", "rung_points"]
 
 MAX_CATEGORIES = 6  # a numeric trick with more distinct values is coloured on a scale
 
@@ -44,7 +45,7 @@ def _save(fig: Any, path: Path) -> None:
 
 def plot_curves(answer: dict[str, Any], path: Path) -> bool:
     """Learning curves of the search trials, one panel per trick, coloured by its value;
-    audited trials dashed."""
+    audited trials dashed; the rung epochs (where ASHA compares trials) as dotted lines."""
     trials = [t for t in answer.get("trials") or [] if t.get("phase") == "search" and t.get("curve")]
     tricks = list(answer.get("tricks") or {}) or list(answer.get("searched_keys") or [])
     if not trials or not tricks:
@@ -52,8 +53,11 @@ def plot_curves(answer: dict[str, Any], path: Path) -> bool:
     k, (scale, ylabel) = len(tricks), _scale(answer)
     cols = min(3, k)
     rows = math.ceil(k / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    rungs = [e for e in (answer.get("rungs") or {}).get("epochs") or [] if _ok(e)]
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows + 0.6), squeeze=False, layout="constrained")
     for ax, trick in zip(axes.flat, tricks):
+        for i, e in enumerate(rungs):
+            ax.axvline(e, color="grey", linestyle=":", linewidth=1.0, label="rung" if i == 0 else None)
         values = [(t.get("values") or {}).get(trick) for t in trials]
         numeric = [v for v in values if _ok(v)]
         scaled = len(numeric) == len(values) and len(set(numeric)) > MAX_CATEGORIES
@@ -78,12 +82,14 @@ def plot_curves(answer: dict[str, Any], path: Path) -> bool:
             fig.colorbar(sm, ax=ax, label=trick)
         else:
             ax.legend(title=trick, fontsize=7, title_fontsize=8)
+        if scaled and rungs:
+            ax.legend(fontsize=7)  # the rung line
         ax.set(title=trick, xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[k:]:
         ax.set_visible(False)
-    fig.suptitle("search trials (dashed: audited, run to the end although ASHA would have stopped them)",
-                 fontsize=9, y=1.02)
+    fig.suptitle(curves_caption(answer), fontsize=9)
     _save(fig, path)
     return True
 
@@ -108,22 +114,75 @@ def plot_ablation(answer: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def curves_caption(answer: dict[str, Any]) -> str:
+    """What the learning-curve figure shows, and why its curves dip after a rung."""
+    rungs = (answer.get("rungs") or {})
+    text = "search trials; dashed: audited (run to the end although ASHA would have stopped them)"
+    if rungs.get("epochs"):
+        text += f"; dotted: the rungs (epoch {', '.join(map(str, rungs['epochs']))}), where ASHA compares trials"
+        if rungs.get("restarts"):
+            text += ("\nthe rung schedule anneals the learning rate to its floor at each rung and re-warms it after, "
+                     "so a curve dips just after a rung before it climbs again")
+    return text
+
+
+def paired_to_baseline(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each confirmed config against the baseline on their shared seeds: per seed the
+    difference (signed: positive is better than the baseline) and its mean with the 95% CI,
+    computed as the verdict's (`search.answer.decide.paired_gain`: an accuracy's spread
+    floored at one validation image, the interval inside [-1, 1]); [] without a baseline."""
+    from search.answer.stats import accuracy_step, paired_difference
+
+    rows = [c for c in answer.get("confirm") or [] if c.get("values")]
+    base = next((c for c in rows if c.get("role") == "baseline"), None)
+    if base is None:
+        return []
+    sign = -1.0 if answer.get("mode") == "min" else 1.0
+    metric = str(answer.get("metric") or "")
+    floor = (accuracy_step([v for c in rows for v in c["values"]]) or 0.0) if metric.startswith("val_acc") else 0.0
+    bounds = (-1.0, 1.0) if floor > 0 else (-math.inf, math.inf)
+    by_seed = dict(zip(base.get("seeds") or [], base["values"]))
+    out = []
+    for c in rows:
+        if c is base:
+            continue
+        seeds = [s for s in c.get("seeds") or [] if s in by_seed]
+        own = dict(zip(c.get("seeds") or [], c["values"]))
+        diffs = [sign * (own[s] - by_seed[s]) for s in seeds]
+        d = paired_difference(diffs, [0.0] * len(diffs), floor=floor, bounds=bounds) if len(diffs) >= 2 else None
+        out.append({"label": c.get("label"), "seeds": seeds, "diffs": diffs,
+                    "delta": d.mean if d else None, "ci95": list(d.ci95) if d else None})
+    return out
+
+
 def plot_confirm(answer: dict[str, Any], path: Path) -> bool:
-    """The confirmed configs' means with their 95% CI and per-seed values; the baseline in red."""
-    rows = [c for c in answer.get("confirm") or [] if _ok(c.get("mean"))]
+    """Each config's paired difference to the baseline (the comparison the verdict rests on):
+    its mean with the 95% CI, and the per-seed differences, joined across configs by seed."""
+    rows = paired_to_baseline(answer)
     if not rows:
         return False
-    scale, ylabel = _scale(answer)
-    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 2.5, 3.6))
-    for x, c in enumerate(rows):
-        colour = "tab:red" if c.get("role") == "baseline" else "tab:blue"
-        m, ci = c["mean"] * scale, c.get("ci95") or [None, None]
-        err = [[m - ci[0] * scale], [ci[1] * scale - m]] if _ok(ci[0]) and _ok(ci[1]) else None
-        ax.errorbar(x, m, yerr=err, fmt="s", color=colour, capsize=5, markersize=7)
-        seeds = [v * scale for v in c.get("values") or [] if _ok(v)]
-        ax.scatter([x + 0.15] * len(seeds), seeds, s=10, color=colour, alpha=0.5)
-    ax.set_xticks(range(len(rows)), [str(c.get("label")) for c in rows], rotation=20, ha="right")
-    ax.set(ylabel=ylabel, title="confirmation: mean and 95% CI over seeds (red: baseline)")
+    scale, _ = _scale(answer)
+    unit = "pp" if scale == 100.0 else str(answer.get("metric") or "")
+    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 3.2, 3.8), layout="constrained")
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    for i, seed in enumerate(seeds):  # each seed a little apart, so equal differences stay visible
+        xs = [x + 0.15 + 0.06 * i for x, r in enumerate(rows) if seed in r["seeds"]]
+        ys = [r["diffs"][r["seeds"].index(seed)] * scale for r in rows if seed in r["seeds"]]
+        ax.plot(xs, ys, color=plt.get_cmap("tab10")(i % 10), marker="o", markersize=4, linewidth=0.8, alpha=0.7,
+                label=f"seed {seed}")
+    for x, r in enumerate(rows):
+        if not _ok(r["delta"]):
+            continue
+        d, ci = r["delta"] * scale, r["ci95"]
+        err = [[d - ci[0] * scale], [ci[1] * scale - d]]
+        ax.errorbar(x, d, yerr=err, fmt="s", color="black", capsize=5, markersize=7,
+                    label="mean, 95% CI" if x == 0 else None)
+    ax.axhline(0.0, color="tab:red", linewidth=1.0, label="the baseline")
+    ax.set_xticks(range(len(rows)), [str(r["label"]) for r in rows], rotation=15, ha="right")
+    ax.set_xlim(-0.5, len(rows) - 0.5 + 0.06 * len(seeds) + 0.2)
+    ax.set(ylabel=f"gain over the baseline ({unit}), paired by seed",
+           title="confirmation: paired difference to the baseline\n(above the red line: better than the baseline)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
     return True

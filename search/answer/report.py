@@ -67,6 +67,10 @@ def _mean_ci(entry: dict[str, Any], metric: str) -> str:
     return f"{mean} ± {100 * half:.2f} pp" if _is_acc(metric) else f"{mean} ± {half:.2g}"
 
 
+INACTIVE = "–"
+"""A key the config does not use (a `when` key whose condition does not hold)."""
+
+
 def _cell(v: Any) -> str:
     if v is None:
         return "-"
@@ -90,6 +94,15 @@ def _missing(answer: dict[str, Any], stage: str, off: str) -> str:
     return f"not run ({off})"
 
 
+def _no_difference(other: dict[str, Any] | None, ref: dict[str, Any] | None) -> str:
+    """Why there is no paired difference between two configs, in words."""
+    if other is None:
+        return "no other config finished every seed, so there is no difference to show"
+    if len(other.get("values") or []) < 2 or len((ref or {}).get("values") or []) < 2:
+        return f"no paired difference: {other.get('label')} has fewer than two seeds"
+    return f"no paired difference: {other.get('label')} ran on other seeds than the reference"
+
+
 def _answer(a: dict[str, Any]) -> list[str]:
     metric, verdict, w = a.get("metric", "metric"), a.get("verdict"), a.get("winner")
     out = [a.get("message") or "(no answer yet)"]
@@ -101,15 +114,22 @@ def _answer(a: dict[str, Any]) -> list[str]:
     out.append(f"**Winner: {w.get('label')}**: {metric} {_mean_ci(w, metric)} over {over}; "
                f"changed from the baseline: {changed}.")
     ru, vr, vb, base = a.get("runner_up"), a.get("vs_runner_up"), a.get("vs_baseline"), a.get("baseline")
-    to_ru = fmt_delta((vr or {}).get("delta"), (vr or {}).get("ci95"), metric)
-    to_base = fmt_delta((vb or {}).get("delta"), (vb or {}).get("ci95"), metric)
+    ru_label = (ru or {}).get("label") or "the runner-up"
     if verdict == "tie":
-        out.append(f"**Verdict: tie.** The runner-up ({(ru or {}).get('label', '?')}) is statistically tied with "
-                   f"the winner (paired difference {to_ru}, 95% CI contains 0), so the simpler config "
-                   "(fewer tricks changed from the baseline) was preferred.")
+        to_ru = (f"paired difference {fmt_delta(vr['delta'], vr.get('ci95'), metric)}, 95% CI contains 0"
+                 if vr and _finite(vr.get("delta")) else _no_difference(ru, w))
+        out.append(f"**Verdict: tie.** {ru_label}, the best by mean, is statistically tied with "
+                   f"the winner ({to_ru}), so the simpler config (fewer tricks changed from the baseline) was preferred.")
     elif verdict == "no gain over baseline":
-        out.append("**Verdict: no gain over the baseline.** No trick combination beat the baseline on this data "
-                   f"(paired difference to the baseline {to_base}, 95% CI contains 0).")
+        if vr and _finite(vr.get("delta")):  # winner (the baseline) minus the best other config: turned round
+            lo, hi = (vr.get("ci95") or [None, None])[:2]
+            flipped = [-hi, -lo] if _finite(lo) and _finite(hi) else None
+            best = (f"the best other config by mean, {ru_label}, differs from the baseline by "
+                    f"{fmt_delta(-vr['delta'], flipped, metric)} (paired over the same seeds; its 95% CI does not "
+                    "lie above 0)")
+        else:
+            best = _no_difference(ru, base)
+        out.append(f"**Verdict: no gain over the baseline.** No trick combination beat the baseline on this data: {best}.")
     elif verdict == "unconfirmed":
         out.append("**Verdict: unconfirmed.** This answer rests on one seed of the search and is not confirmed; "
                    "it is no evidence that this config beats any other.")
@@ -119,7 +139,8 @@ def _answer(a: dict[str, Any]) -> list[str]:
         out.append("**Verdict: winner.** It beats " + " and ".join(parts) + " (paired over the same seeds, 95% CI)."
                    if parts else "**Verdict: winner.**")
     if base and verdict != "unconfirmed":
-        out.append(f"Baseline: {metric} {_mean_ci(base, metric)}.")
+        out.append(f"Baseline: {metric} {_mean_ci(base, metric)}." if _finite(base.get("mean")) else
+                   f"Baseline: no score ({base.get('status') or 'no seed finished'}).")
     b = a.get("budget") or {}
     if b:
         confirm = (f", confirmation runs {b['epochs_confirm']} epochs ({b.get('trial_epochs_confirm', '?')} "
@@ -138,14 +159,29 @@ def _confirm(a: dict[str, Any]) -> list[str]:
         tag = c.get("role") == "baseline" and c.get("label") != "baseline"
         return _cell(c.get("label")) + (" (baseline)" if tag else "")
 
-    body = [[name(c),
-             _cell(", ".join(c.get("changed") or []) or "-"), _mean_ci(c, metric),
-             f"{100 * c['std']:.2f} pp" if _is_acc(metric) and _finite(c.get("std")) else _cell(c.get("std")),
+    base = next((c for c in rows if c.get("role") == "baseline"), None)
+    body = [[name(c), _cell(_changed_values(c, base)), _mean_ci(c, metric),
+             f"{100 * c['std']:.2f} pp" if _is_acc(metric) and _finite(c.get("std")) else
+             ("n/a (one seed)" if len(c.get("values") or []) <= 1 else _cell(c.get("std"))),
              ", ".join(fmt_value(v, metric) for v in c.get("values") or []),
-             f"{pb[c['label']]:.2f}" if _finite(pb.get(c.get("label"))) else "-"] for c in rows]
-    head = ["config", "changed tricks", f"{metric} mean ± 95% CI", "std", "per seed", "P(best)"]
+             f"{pb[c['label']]:.2f}" if _finite(pb.get(c.get("label"))) else "n/a"] for c in rows]
+    head = ["config", "changed from the baseline", f"{metric} mean ± 95% CI", "std", "per seed", "P(best)"]
     seeds = ", ".join(map(str, rows[0].get("seeds") or []))
-    return [f"Each config trained on the same seeds ({seeds}) at the full budget.", "", *_table(head, body), ""]
+    why_pb = "" if pb else " P(best) needs at least two seeds per config."
+    return [f"Each config trained on the same seeds ({seeds}) at the full budget; the figure shows each "
+            "config's paired difference to the baseline, the comparison the verdict rests on." + why_pb, "",
+            *_table(head, body), ""]
+
+
+def _changed_values(c: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """The keys a config uses whose values differ from the baseline's, as key=value."""
+    if c.get("role") == "baseline":
+        return "(the baseline)"
+    config, active = c.get("config") or {}, c.get("active")
+    keys = [k for k in config if active is None or k in active]
+    ref = (base or {}).get("config") or {}
+    changed = [f"{k}={_cell(config[k])}" for k in keys if k not in ref or ref[k] != config[k]]
+    return ", ".join(changed) or ", ".join(c.get("changed") or []) or "nothing"
 
 
 def _ablation(a: dict[str, Any]) -> list[str]:
@@ -211,11 +247,42 @@ def _trials(a: dict[str, Any]) -> list[str]:
             f"{metric} (last epoch)", "best over epochs", "epochs", "status", "audited"]
     body = [[_cell(t.get("trial_id")), _cell(t.get("phase")),
              *([_cell(t.get("label")), _cell(t.get("seed"))] if extra else []),
-             *(_cell((t.get("values") or {}).get(k)) for k in keys),
+             *(_key_cell(t, k) for k in keys),
              fmt_value(t.get("score"), metric), fmt_value(t.get("best"), metric), _cell(t.get("epochs")),
              _cell(t.get("status")), "yes" if t.get("audited") else ""] for t in rows]
-    return ["One score per trial: the metric at its last epoch (the best over epochs is shown for information).",
+    return ["One score per trial: the metric at its last epoch (the best over epochs is shown for information). "
+            f"{INACTIVE}: a key the trial's config does not use (e.g. cutmix_alpha when mixing is mixup).",
             "", *_table(head, body), ""]
+
+
+def _key_cell(t: dict[str, Any], key: str) -> str:
+    """A trial's value of a searched key, or `INACTIVE` when its config does not use the key
+    (a search trial samples only the keys it uses; a phase's trial lists them in `active`)."""
+    values, active = t.get("values") or {}, t.get("active")
+    if key not in values or (active is not None and key not in active):
+        return INACTIVE
+    return _cell(values[key])
+
+
+def _caption(a: dict[str, Any], plot: str) -> str:
+    """The words under a figure: what it shows and how to read it."""
+    if plot == "confirm":
+        return ("Each config's gain over the baseline, paired by seed: the black square is the mean with its 95% CI "
+                "(the interval the verdict rests on); a coloured line joins one seed across the configs. A config "
+                "beats the baseline when its whole interval lies above the red line.")
+    if plot == "curves":
+        rungs = a.get("rungs") or {}
+        text = ("The search trials' learning curves, one panel per trick, coloured by its value; dashed: audited "
+                "trials (run to the end although ASHA would have stopped them).")
+        if rungs.get("epochs"):
+            text += (f" Dotted lines: the rungs (epoch {', '.join(map(str, rungs['epochs']))}), where ASHA compares "
+                     "the trials and stops the worse ones.")
+            if rungs.get("restarts"):
+                text += (" The curves dip just after a rung because the rung schedule anneals the learning rate to "
+                         "its floor at each rung (so a rung compares trained models) and re-warms it for the epochs "
+                         "after; they climb again as it anneals towards the next rung.")
+        return text
+    return ""
 
 
 def render_markdown(answer: dict[str, Any], plots: dict[str, str] | None = None) -> str:
@@ -235,6 +302,8 @@ def render_markdown(answer: dict[str, Any], plots: dict[str, str] | None = None)
         lines += [f"## {title}", "", *build(answer)]
         if plot in plots:
             lines += [f"![{title}]({plots[plot]})", ""]
+            caption = _caption(answer, plot)
+            lines += [f"*{caption}*", ""] if caption else []
     return "\n".join(lines).rstrip() + "\n"
 
 
