@@ -1,0 +1,387 @@
+"""Replay: the real decision code of a search run against a table of recorded curves
+(`benchmarks.replay.record`) instead of training, many times, to measure how often the
+answer is right.
+
+What runs is the project's own: the searcher (`make_searcher`: Optuna TPE behind Ray's
+OptunaSearch, with the duplicate rule), the scheduler (`make_scheduler`: the audited ASHA,
+its audit written to `audit.json` in a scratch experiment folder), the trial rows
+(`summarise`), the confirmation and ablation plans (`confirm_plan`, `ablation_plan`), the
+verdict (`decide`), the gain over the baseline and `--verify`'s rule (`verify_rule`). Only
+Ray's executor is replaced: a simulated clock drives the searcher and the scheduler through
+their public callbacks in the order Tune's controller calls them (scheduler first, then the
+searcher unless the trial is stopped; at a trial's end the scheduler's and the searcher's
+`on_trial_complete`), with `concurrency` trials at once, each epoch taking its recorded time,
+so which trial reports first follows the recorded epoch times. A test checks that one trial
+at a time it makes exactly the decisions a real `Tuner` run makes (tests/test_replay.py).
+
+Seeds: one replay draws a random order of the table's seeds; the search trains on the first
+(every search trial on the same seed, as a search does), the confirmation on the next
+`confirm.seeds`, `--verify` on the next 2: disjoint.
+
+    python -m benchmarks.replay.replay --table quickstart --n 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import heapq
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+VERIFY_SEEDS = 2
+RIGHT_WITHIN = 0.005  # the answer's true mean within 0.5 pp of the true best
+
+
+# The table -------------------------------------------------------------------------------------------
+@dataclass
+class Table:
+    """Recorded curves: config key -> seed -> [(epoch, metric, seconds, run_status)]."""
+
+    name: str
+    recipe: dict[str, Any]
+    curves: dict[str, dict[int, list[tuple[int, float, float, str | None]]]]
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(set.intersection(*(set(c) for c in self.curves.values())))
+
+    def final(self, key: str, seed: int) -> float:
+        """The confirmation's score: the metric at the last epoch (nan when the run diverged)."""
+        last = self.curves[key][seed][-1]
+        return math.nan if last[3] else float(last[1])
+
+    def truth(self, baseline: str) -> dict[str, Any]:
+        """Each config's mean over every recorded seed, the best, and whether the best beats
+        the baseline (paired 95% CI over all seeds excludes 0)."""
+        from search.answer.stats import paired_difference
+
+        seeds = self.seeds
+        means = {k: float(np.nanmean([self.final(k, s) for s in seeds])) for k in self.curves}
+        best = max(means, key=means.get)  # type: ignore[arg-type]
+        d = paired_difference([self.final(best, s) for s in seeds], [self.final(baseline, s) for s in seeds])
+        return {"means": means, "best": best, "best_beats_baseline": d.ci95[0] > 0 and best != baseline,
+                "best_gain": d.mean, "best_gain_ci95": list(d.ci95)}
+
+
+def load_table(path: str | Path) -> Table:
+    import hashlib
+
+    with gzip.open(path, "rt") as f:
+        data = json.load(f)
+    body = json.dumps(data["rows"], sort_keys=True, separators=(",", ":"))
+    if hashlib.sha256(body.encode()).hexdigest() != data["sha256"]:
+        raise ValueError(f"{path}: checksum mismatch")
+    curves: dict[str, dict[int, list[Any]]] = {}
+    values: dict[str, dict[str, Any]] = {}
+    for row in data["rows"]:
+        curves.setdefault(row["config"], {})[int(row["seed"])] = [tuple(p) for p in row["plain"]]
+        values[row["config"]] = row["values"]
+    return Table(data["name"], data["recipe"], curves, values)
+
+
+def null_table(table: Table, baseline: str, seed: int = 0) -> Table:
+    """No config differs from the baseline: every config's curve at seed s is the baseline's
+    own run at another of its seeds (a fixed random permutation per config; the baseline
+    keeps its own), so every config is a draw from the baseline's seed distribution."""
+    rng = np.random.default_rng(seed)
+    seeds = table.seeds
+    curves = {}
+    for key in table.curves:
+        perm = seeds if key == baseline else [seeds[i] for i in rng.permutation(len(seeds))]
+        curves[key] = {s: table.curves[baseline][p] for s, p in zip(seeds, perm)}
+    return Table(f"{table.name} (null)", table.recipe, curves, dict(table.values))
+
+
+# The simulated executor --------------------------------------------------------------------------------
+class FakeTrial:
+    """What the scheduler reads of a Tune trial."""
+
+    def __init__(self, trial_id: str, config: dict[str, Any]) -> None:
+        self.trial_id, self.config, self.status = trial_id, config, "RUNNING"
+
+    def __repr__(self) -> str:
+        return self.trial_id
+
+
+class FakeResult:
+    """What `summarise` reads of a Tune result."""
+
+    def __init__(self, trial_id: str, config: dict[str, Any], reports: list[dict[str, Any]]) -> None:
+        import pandas as pd
+
+        self.config, self.error, self.path = config, None, trial_id
+        self.metrics = {**reports[-1], "trial_id": trial_id, "done": True}
+        self.metrics_dataframe = pd.DataFrame(reports)
+
+
+@dataclass
+class SearchRun:
+    rows: list[Any]
+    trial_epochs: int
+    duplicates: int
+    """Trials that trained a config an earlier trial of the search had trained."""
+    proposals_refused: int
+    order: list[tuple[str, int, str]] = field(default_factory=list)
+    """(trial id, epoch, action) in the order the scheduler saw the results."""
+
+
+def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder: str,
+                  constant_liar: bool = False) -> SearchRun:
+    """The search phase on the table's curves at `seed`: the real searcher and scheduler, a
+    simulated clock with `concurrency` trials at once."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from benchmarks.replay.record import config_key
+    from search.experiment.audit import AuditLog, read_audit
+    from search.experiment.folder import Experiment
+    from search.experiment.sampling import sampled_values
+    from search.experiment.study import DUPLICATES, load_study, make_searcher
+    from search.experiment.trials import summarise
+    from search.phases.schedulers import make_scheduler
+
+    exp = Experiment.at(folder)
+    db = f"{folder}/optuna.db"
+    searcher = make_searcher(space, db, audit=AuditLog(folder).load)
+    if constant_liar:
+        searcher._ot_study.sampler._constant_liar = True  # TPESampler(constant_liar=True)'s flag
+    scheduler = make_scheduler(space, exp)
+    metric, max_t = space.experiment.metric, space.train.run.epochs
+    n_total = space.experiment.num_samples
+    clock, started, epochs_used = 0.0, 0, 0
+    events: list[tuple[float, int, str]] = []  # (time, tie-break, trial id)
+    trials: dict[str, FakeTrial] = {}
+    reports: dict[str, list[dict[str, Any]]] = {}
+    keys: dict[str, str] = {}
+    trained: set[str] = set()
+    duplicates = 0
+    order: list[tuple[str, int, str]] = []
+    tick = 0
+
+    def start() -> None:
+        nonlocal started, tick, duplicates
+        tid = f"t{started:05d}"
+        started += 1
+        config = searcher.suggest(tid)
+        trial = trials[tid] = FakeTrial(tid, config)
+        scheduler.on_trial_add(None, trial)
+        key = keys[tid] = config_key(space, sampled_values(config))
+        if key in trained:
+            duplicates += 1
+        trained.add(key)
+        reports[tid] = []
+        heapq.heappush(events, (clock + table.curves[key][seed][0][2], tick, tid))
+        tick += 1
+
+    while started < n_total or events:
+        while started < n_total and len(events) < concurrency:
+            start()
+        clock, _, tid = heapq.heappop(events)
+        trial = trials[tid]
+        i = len(reports[tid])
+        epoch, value, _, status = table.curves[keys[tid]][seed][i]
+        result = {metric: value, "epoch": epoch, "training_iteration": i + 1, "trial_id": tid}
+        if status:
+            from trainable.status import RUN_STATUS
+
+            result[RUN_STATUS] = status
+        reports[tid].append(result)
+        epochs_used += 1
+        action = scheduler.on_trial_result(None, trial, result)
+        order.append((tid, epoch, action))
+        if action != TrialScheduler.STOP:
+            searcher.on_trial_result(tid, result)
+        if action == TrialScheduler.STOP or epoch >= max_t or status:
+            trial.status = "TERMINATED"
+            scheduler.on_trial_complete(None, trial, result)
+            searcher.on_trial_complete(tid, result=result)
+        else:
+            heapq.heappush(events, (clock + table.curves[keys[tid]][seed][i + 1][2], tick, tid))
+            tick += 1
+    results = [FakeResult(tid, trials[tid].config, reports[tid]) for tid in trials]
+    rows = summarise(results, space, audited=read_audit(exp))
+    refused = int(load_study(db, space.experiment.name).user_attrs.get(DUPLICATES, 0))
+    return SearchRun(rows, epochs_used, duplicates, refused, order)
+
+
+# One replay ------------------------------------------------------------------------------------------------
+def replay_once(space: Any, table: Table, truth: dict[str, Any], rng: np.random.Generator,
+                concurrency: int = 1, constant_liar: bool = False) -> dict[str, Any]:
+    """One whole search on the table: search, confirmation, verdict, ablation plan, verify."""
+    from benchmarks.replay.record import config_key
+    from search.answer.decide import NO_GAIN, UNCONFIRMED, decide, spread_floor, value_bounds
+    from search.experiment.phases import Measured
+    from search.export import verify_rule
+    from search.phases.confirm import ablation_plan, confirm_plan
+
+    c = space.experiment.confirm
+    seeds = [table.seeds[i] for i in rng.permutation(len(table.seeds))]
+    need = 1 + c.seeds + VERIFY_SEEDS
+    if len(seeds) < need:
+        raise ValueError(f"table {table.name}: {len(seeds)} seeds, a replay needs {need}")
+    search_seed, confirm_seeds, verify_seeds = seeds[0], seeds[1:1 + c.seeds], seeds[1 + c.seeds:need]
+    with tempfile.TemporaryDirectory(prefix="replay-") as folder:
+        run = replay_search(space, table, search_seed, concurrency, folder, constant_liar)
+    plan = confirm_plan(run.rows, space)
+
+    def measure(entry: Any) -> Measured:
+        key = json.dumps(entry.values, sort_keys=True)
+        m = Measured(entry, entry.label)
+        for s in confirm_seeds:
+            v = table.final(key, s)
+            if math.isfinite(v):
+                m.seeds.append(s)
+                m.values.append(v)
+            else:
+                m.diverged.append(s)
+        return m
+
+    measured = [measure(e) for e in plan]
+    confirm_epochs = len(plan) * c.seeds * space.train.run.epochs
+    d = decide(measured, space)
+    ablation_epochs = 0
+    if d is not None and d.verdict != UNCONFIRMED and space.experiment.ablate:
+        ablation_epochs = len(ablation_plan(d.winner.entry, space)) * c.seeds * space.train.run.epochs
+    out: dict[str, Any] = {"search_epochs": run.trial_epochs, "confirm_epochs": confirm_epochs,
+                           "ablation_epochs": ablation_epochs, "duplicates": run.duplicates,
+                           "refused": run.proposals_refused, "trials": space.experiment.num_samples}
+    if d is None:
+        out.update(verdict="none", right=False)
+        return out
+    wkey = json.dumps(d.winner.entry.values, sort_keys=True)
+    bkey = config_key(space, space.base_values)
+    true_gain = truth["means"][wkey] - truth["means"][bkey]
+    gain = d.vs_baseline or {"delta": 0.0, "adjusted": 0.0}
+    right = (truth["means"][truth["best"]] - truth["means"][wkey] <= RIGHT_WITHIN + 1e-12
+             and not (truth["best_beats_baseline"] and d.verdict == NO_GAIN)
+             and d.verdict != UNCONFIRMED)
+    verify_fail = None
+    if d.verdict != UNCONFIRMED:
+        fresh = [table.final(wkey, s) for s in verify_seeds]
+        inside, _ = verify_rule(d.winner.values, fresh, spread_floor(measured, space), value_bounds(space))
+        verify_fail = not inside
+    out.update(verdict=d.verdict, right=right, answer=wkey, false_winner=d.verdict != NO_GAIN,
+               reported_gain=gain["delta"], adjusted_gain=gain["adjusted"], true_gain=true_gain,
+               verify_fail=verify_fail, weak=d.weak)
+    return out
+
+
+# Settings and their figures ---------------------------------------------------------------------------------
+SETTINGS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "schedule plain": {"overrides": ["experiment.scheduler.schedule=plain"]},
+    "audit 0": {"overrides": ["experiment.scheduler.audit=0"]},
+    "fifo (no early stopping)": {"overrides": ["experiment.scheduler={kind: fifo}"]},
+    "concurrency 4": {"concurrency": 4},
+    "concurrency 16": {"concurrency": 16},
+    "concurrency 32": {"concurrency": 32},
+    "concurrency 4, constant liar": {"concurrency": 4, "constant_liar": True},
+    "concurrency 16, constant liar": {"concurrency": 16, "constant_liar": True},
+    "concurrency 32, constant liar": {"concurrency": 32, "constant_liar": True},
+}
+
+
+def replay_space(table: Table, overrides: list[str] | None = None, sampler_seed: int = 0) -> Any:
+    """The table's space (its recipe) with the replay's and the setting's overrides."""
+    from spaces import load_space
+
+    recipe = table.recipe
+    return load_space(recipe["space"], overrides=[*recipe["overrides"], *recipe.get("replay_overrides", []),
+                                                  *(overrides or []), f"experiment.sampler.seed={sampler_seed}"])
+
+
+def wilson(k: int, n: int) -> tuple[float, float, float]:
+    """A proportion and its 95% Wilson interval."""
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(method="wilson")
+    return (k / n, float(ci.low), float(ci.high))
+
+
+def mean_ci(x: list[float]) -> tuple[float, float, float]:
+    from search.answer.stats import summarise_values
+
+    s = summarise_values(x)
+    return (s.mean, s.ci95[0], s.ci95[1]) if s.n >= 2 else (s.mean, math.nan, math.nan)
+
+
+def run_setting(table: Table, setting: dict[str, Any], n: int, null: bool = False, seed: int = 0) -> dict[str, Any]:
+    """`n` replays of one setting, with each figure and its 95% CI over the replays."""
+    from benchmarks.replay.record import config_key
+
+    base_space = replay_space(table, setting.get("overrides"))
+    bkey = config_key(base_space, base_space.base_values)
+    outs = []
+    started = time.monotonic()
+    for i in range(n):
+        src = null_table(table, bkey, seed=seed + i) if null else table
+        truth = src.truth(bkey)
+        space = replay_space(table, setting.get("overrides"), sampler_seed=seed + i)
+        rng = np.random.default_rng(10_000 + seed + i)
+        outs.append(replay_once(space, src, truth, rng, setting.get("concurrency", 1),
+                                setting.get("constant_liar", False)))
+    c = base_space.experiment.confirm
+    configs = len(table.curves)
+    brute = configs * c.seeds * base_space.train.run.epochs
+    winners = [o for o in outs if o["verdict"] in ("winner", "tie")]
+    verified = [o for o in outs if o.get("verify_fail") is not None]
+    used = [(o["search_epochs"] + o["confirm_epochs"] + o["ablation_epochs"]) / brute for o in outs]
+    return {
+        "n": n, "seconds": time.monotonic() - started,
+        "p_right": wilson(sum(o["right"] for o in outs), n),
+        "p_false_winner": wilson(sum(bool(o.get("false_winner")) for o in outs), n),
+        "p_no_gain": wilson(sum(o["verdict"] == "no gain over baseline" for o in outs), n),
+        "gain_bias_raw": mean_ci([o["reported_gain"] - o["true_gain"] for o in outs if "true_gain" in o]),
+        "gain_bias_adjusted": mean_ci([o["adjusted_gain"] - o["true_gain"] for o in outs if "true_gain" in o]),
+        "gain_bias_raw_winners": mean_ci([o["reported_gain"] - o["true_gain"] for o in winners]),
+        "gain_bias_adjusted_winners": mean_ci([o["adjusted_gain"] - o["true_gain"] for o in winners]),
+        "verify_false_failures": wilson(sum(o["verify_fail"] for o in verified), len(verified)),
+        "trial_epochs_vs_brute_force": mean_ci(used),
+        "duplicate_fraction": mean_ci([o["duplicates"] / o["trials"] for o in outs]),
+        "refused_proposals_per_search": mean_ci([float(o["refused"]) for o in outs]),
+        "brute_force_trial_epochs": brute,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.replay.replay", description=__doc__.splitlines()[0])
+    p.add_argument("--table", default="quickstart")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--settings", nargs="*", default=list(SETTINGS))
+    p.add_argument("--null", action="store_true", help="the null table (the baseline's seeds as every config)")
+    p.add_argument("--out", help="append each setting's figures as one JSON line here")
+    args = p.parse_args(argv)
+    import logging
+    import warnings
+
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    table = load_table(HERE / "tables" / f"{args.table}.json.gz")
+    for name in args.settings:
+        fig = run_setting(table, SETTINGS[name], args.n, null=args.null)
+        line = {"table": table.name + (" (null)" if args.null else ""), "setting": name, **fig}
+        print(json.dumps(line), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(line) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

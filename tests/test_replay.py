@@ -1,0 +1,172 @@
+"""The replay (`benchmarks/replay`): the real searcher, scheduler, plans, verdict and verify
+rule on a table of curves, checked on a tiny hand-made table against a hand-computed
+outcome and against a real Tune run; the recorder against a real trial, bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.replay.record import config_key, train_curve
+from benchmarks.replay.replay import Table, null_table, replay_once, replay_search, replay_space, run_setting
+
+TINY = {
+    "space": "spaces/quickstart.yaml",
+    "overrides": [
+        "search.mix.mixup_alpha=null", "search.mix.cutmix_alpha=null", "search.mix.mode={choice: [none, cutmix]}",
+        "search.augment.randaugment.enabled=null", "search.augment.randaugment.magnitude=null",
+        "search.batch.global_batch=null", "train.run.epochs=3", "experiment.scheduler.grace_period=1",
+        "experiment.num_samples=4",
+    ],
+}
+SEEDS = range(6)
+
+
+def quality(values: dict) -> float:
+    """The tiny table's truth: cutmix +3 pp, label smoothing +2 pp over 0.90."""
+    return 0.90 + 0.03 * (values["mix.mode"] == "cutmix") + 0.02 * (values["label_smoothing"] == 0.1)
+
+
+def seed_noise(seed: int) -> float:
+    return 0.01 * ((seed * 7) % 5) / 5  # shared by every config on a seed: paired differences are exact
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Table:
+    t = Table("tiny", TINY, {})
+    space = replay_space(t)
+    for mode in ("none", "cutmix"):
+        for ls in (0.0, 0.1):
+            v = {"mix.mode": mode, "label_smoothing": ls}
+            key = config_key(space, v)
+            t.values[key] = space.full_values(v)
+            # a curve rising 10 pp an epoch to its final value; epoch times differ per config
+            t.curves[key] = {s: [(e, round(quality(v) - 0.1 * (3 - e) + seed_noise(s), 6), 1.0 + 0.1 * e + ls, None)
+                                 for e in (1, 2, 3)] for s in SEEDS}
+    return t
+
+
+def test_the_replay_gives_the_hand_computed_answer(tiny):
+    space = replay_space(tiny)
+    base = config_key(space, space.base_values)
+    truth = tiny.truth(base)
+    best = config_key(space, {"mix.mode": "cutmix", "label_smoothing": 0.1})
+    assert truth["best"] == best and truth["best_beats_baseline"]
+    out = replay_once(space, tiny, truth, np.random.default_rng(1))
+    # every seed ranks the configs the same way, so whatever TPE proposes first, four trials of
+    # four configs train each once (the duplicate rule), the best is confirmed with the runner-up
+    # and the baseline, and beats both by exactly its true margin
+    assert out["verdict"] == "winner" and out["answer"] == best and out["right"]
+    assert out["reported_gain"] == pytest.approx(0.05, abs=1e-9) and out["true_gain"] == pytest.approx(0.05, abs=1e-9)
+    assert out["duplicates"] == 0 and out["verify_fail"] is False
+    assert out["confirm_epochs"] == 3 * 3 * 3  # best, runner-up, baseline x 3 seeds x 3 epochs
+    assert out["ablation_epochs"] == 2 * 3 * 3  # two tricks, one at a time
+    # ASHA (grace 1, factor 2): the first trial runs on, later ones stop at a rung unless in the top half
+    assert 4 + 2 <= out["search_epochs"] <= 4 * 3
+
+
+def test_the_null_table_is_the_baselines_seeds_under_every_name(tiny):
+    space = replay_space(tiny)
+    base = config_key(space, space.base_values)
+    null = null_table(tiny, base, seed=3)
+    for key, by_seed in null.curves.items():
+        assert sorted(map(str, by_seed.values())) == sorted(map(str, tiny.curves[base].values()))
+    assert null.curves[base] == tiny.curves[base]
+    fig = run_setting(null, {}, 3)
+    assert fig["n"] == 3 and 0.0 <= fig["p_false_winner"][0] <= 1.0
+
+
+def test_concurrency_follows_the_recorded_epoch_times(tiny):
+    space = replay_space(tiny, ["experiment.scheduler={kind: fifo}"])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        run = replay_search(space, tiny, 0, 4, d)
+    # four trials at once, fifo: every epoch of every trial; a trial with label smoothing 0.1
+    # takes 0.1 s longer an epoch, so the first results to arrive are the smoothing-0 trials'
+    assert run.trial_epochs == 4 * 3
+    first = [tid for tid, epoch, _ in run.order[:2]]
+    smoothing = {r.trial_id: r.values["label_smoothing"] for r in run.rows}
+    assert [smoothing[t] for t in first] == [0.0, 0.0]
+    clock_order = [(e, smoothing[t]) for t, e, _ in run.order]
+    assert clock_order == sorted(clock_order, key=lambda p: (1.0 * p[0] + sum(0.1 * k for k in range(1, p[0] + 1))
+                                                                + p[1] * p[0]))
+
+
+def test_the_replay_makes_the_same_decisions_as_a_real_tuner(tiny, ray_address, tmp_path):
+    from ray import tune
+
+    from search.experiment.audit import AuditLog, read_audit
+    from search.experiment.folder import Experiment
+    from search.experiment.sampling import sampled_values
+    from search.experiment.study import TUNE_TRIAL_ID, load_study, make_searcher
+    from search.experiment.trials import summarise
+    from search.phases.confirm import confirm_plan
+    from search.phases.schedulers import make_scheduler
+
+    space = replay_space(tiny, ["experiment.num_samples=4", "experiment.scheduler.audit=0.5"])
+    seed = 2
+    curves = {k: v[seed] for k, v in tiny.curves.items()}
+    keys = {json.dumps(space.full_values(sampled_values({"mix.mode": m, "label_smoothing": ls})), sort_keys=True):
+            None for m in ("none", "cutmix") for ls in (0.0, 0.1)}
+    assert set(keys) == set(curves)
+
+    def fake_trial(config: dict) -> None:
+        key = json.dumps(space.full_values(sampled_values(config)), sort_keys=True)
+        for epoch, value, _, _ in curves[key]:
+            tune.report({"epoch": epoch, "val_acc": value})
+
+    folder = tmp_path / "real"
+    folder.mkdir()
+    exp = Experiment.at(str(folder))
+    tuner = tune.Tuner(
+        tune.with_resources(fake_trial, {"CPU": 0, "memory": 2**20}),
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(space, str(folder / "optuna.db"), audit=AuditLog(str(folder)).load),
+            scheduler=make_scheduler(space, exp), num_samples=4, max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="real", storage_path=str(tmp_path / "tune"), verbose=0),
+    )
+    grid = tuner.fit()
+    real = summarise(grid, space, audited=read_audit(exp))
+    sim_folder = tmp_path / "sim"
+    sim_folder.mkdir()
+    sim = replay_search(space, tiny, seed, 1, str(sim_folder)).rows
+
+    def decisions(rows: list, folder: Path) -> list:
+        # trials in the order they were proposed: their numbers in the study
+        study = load_study(str(folder / "optuna.db"), space.experiment.name)
+        number = {t.user_attrs.get(TUNE_TRIAL_ID): t.number for t in study.trials}
+        by_order = sorted(rows, key=lambda r: number[r.trial_id])
+        return [(json.dumps(space.full_values(r.values), sort_keys=True), r.epochs, r.status, r.final, r.audited,
+                 r.audited_at) for r in by_order]
+
+    assert decisions(sim, sim_folder) == decisions(real, folder)
+    assert len(real) == 4 and sum(r.audited for r in real) >= 1  # the audit took part
+    assert [(e.label, e.values) for e in confirm_plan(sim, space)] == [(e.label, e.values)
+                                                                       for e in confirm_plan(real, space)]
+
+
+@pytest.mark.slow
+def test_a_recorded_curve_is_what_a_real_trial_reports(ray_address, tmp_path):
+    """One (config, seed) of the recorder, bit for bit against a search trial of it."""
+    from ray import tune
+
+    from search.phases.trial import run_trial
+    from spaces import load_space
+
+    space = load_space("spaces/quickstart.yaml", [
+        f"experiment.storage_path={tmp_path}", "train.data.subset=0.1", "train.run.epochs=2",
+        "experiment.scheduler.grace_period=1", "train.run.seed=5"])
+    values = {"mix.mode": "cutmix", "mix.cutmix_alpha": 1.0, "label_smoothing": 0.1,
+              "augment.randaugment.enabled": True, "augment.randaugment.magnitude": 9, "batch.global_batch": 32}
+    recorded = train_curve(space.trial_config(values), "val_acc")
+    tuner = tune.Tuner(
+        tune.with_parameters(run_trial, space=space, runs_path=str(tmp_path / "runs")),
+        param_space=values,
+        run_config=tune.RunConfig(name="one", storage_path=str(tmp_path / "tune"), verbose=0),
+    )
+    df = tuner.fit()[0].metrics_dataframe
+    assert [(int(e), float(v)) for e, v in zip(df["epoch"], df["val_acc"])] == [(e, v) for e, v, _, _ in recorded]
