@@ -78,6 +78,11 @@ class ConfirmSettings(_Settings):
     """Seeds per config, the same for every config (paired); 1 leaves the answer unconfirmed."""
     first_seed: int = Field(1000, ge=0)
     """Confirmation seeds are first_seed, first_seed + 1, ...: apart from the search's seed."""
+    racing: bool = False
+    """Seeds in rounds: every config on the first two seeds, then one more seed per round
+    for the configs not yet shown worse than the best (paired 95% CI), until one candidate
+    is left and its difference to the baseline is clear, or `seeds` is reached. The baseline
+    always runs every round. Off: every config on every seed."""
 
 
 class SamplerSettings(_Settings):

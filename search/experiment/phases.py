@@ -4,6 +4,7 @@ Tune's results of the phase."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,11 +16,13 @@ from trainable.cluster import error_line
 from trainable.config import ConfigError
 from trainable.status import FAILED, RUN_STATUS
 
-__all__ = ["ABLATE", "BASELINE", "CONFIRM", "Entry", "Measured", "ablation_matches", "phase_exists", "phase_path",
-           "read_phase"]
+__all__ = ["ABLATE", "BASELINE", "CONFIRM", "ROUNDS_FILE", "Entry", "Measured", "ablation_matches", "phase_exists",
+           "phase_path", "read_phase", "write_rounds"]
 
 CONFIRM, ABLATE = "confirm", "ablate"
 BASELINE = "baseline"
+ROUNDS_FILE = "rounds.json"
+"""In a phase's folder once it ended: the seeds each config ran (racing stops some early)."""
 
 
 @dataclass
@@ -68,6 +71,21 @@ def phase_exists(exp: Experiment, phase: str) -> bool:
     return bool(Tuner.can_restore(phase_path(exp, phase)))
 
 
+def write_rounds(phase_dir: str, seeds: dict[str, list[int]]) -> None:
+    """Record that a phase ended, with the seeds each config ran."""
+    Experiment.at(phase_dir).store.write_text(ROUNDS_FILE, json.dumps({"seeds": seeds}, indent=2) + "\n",
+                                              overwrite=True)
+
+
+def _rounds(exp: Experiment, phase: str) -> dict[str, list[int]]:
+    """label -> the seeds it ran, for a phase that ended; {} for one still running."""
+    try:
+        return {str(k): [int(s) for s in v] for k, v in
+                json.loads(exp.store.read_text(f"{phase}/{ROUNDS_FILE}"))["seeds"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
 def read_phase(exp: Experiment, phase: str, space: Space, results: Any = None) -> list[Measured]:
     """Every config of a phase with its per-seed scores, in the order of the plan; [] when
     the phase never started. `results`: Tune's ResultGrid when the caller has it."""
@@ -113,15 +131,17 @@ def read_phase(exp: Experiment, phase: str, space: Space, results: Any = None) -
         if r.error:
             m.status = "error"
             m.error = error_line(r.error)
+    ran = _rounds(exp, phase)
     out = []
     for label, m in by_label.items():
         by_seed = scores[label]
+        expected = ran.get(label, seeds)
         m.seeds = [s for s in seeds if s in by_seed]
         m.values = [by_seed[s] for s in m.seeds]
         m.diverged = [s for s in seeds if s in m.diverged]
         m.failed = [s for s in seeds if s in m.failed]
         m.trial_id = m.trial_ids.get(m.seeds[0], m.trial_id) if m.seeds else m.trial_id
-        if m.status not in (FAILED, "error") and len(m.seeds) + len(m.diverged) + len(m.failed) < len(seeds):
+        if m.status not in (FAILED, "error") and len(m.seeds) + len(m.diverged) + len(m.failed) < len(expected):
             m.status = "unfinished"
         out.append(m)
     out.sort(key=lambda m: _label_key(m.entry.label))
