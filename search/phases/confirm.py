@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
-from search.answer.stats import paired_difference
+from search.answer.stats import accuracy_step, paired_difference
 from search.experiment.folder import Experiment
 from search.experiment.phases import BASELINE, CONFIRM, Entry, phase_exists, phase_path, write_rounds
 from search.experiment.resume import CsvRows, JsonRows
@@ -80,14 +80,16 @@ def ablation_plan(winner: Entry, space: Space) -> list[Entry]:
 
 
 # Seeds in rounds -------------------------------------------------------------------------------
+ACCURACIES = ("val_acc", "val_acc5")
 Scores = dict[str, dict[int, "float | None"]]
 """label -> seed -> the score of that seed's run (None: it failed or diverged)."""
 
 
-def racing_survivors(scores: Scores, baseline: str, sign: float) -> list[str]:
+def racing_survivors(scores: Scores, baseline: str, sign: float, floor: float = 0.0) -> list[str]:
     """The configs still in the race: every config but those with a failed or diverged seed
-    (unstable) and those whose paired difference to the best has a 95% CI below 0; the
-    baseline always stays. `sign`: +1 when the metric improves upwards."""
+    (unstable) and those whose paired difference to the best has a 95% CI below 0 (its
+    spread floored at `floor`, as the verdict floors it); the baseline always stays.
+    `sign`: +1 when the metric improves upwards."""
     alive = [k for k, by_seed in scores.items() if k == baseline or all(v is not None for v in by_seed.values())]
 
     def mean(k: str) -> float:
@@ -100,14 +102,15 @@ def racing_survivors(scores: Scores, baseline: str, sign: float) -> list[str]:
         if k not in (best, baseline):
             seeds = [s for s in scores[k] if s in scores[best] and scores[best][s] is not None]
             if len(seeds) >= 2:
-                d = paired_difference([sign * scores[k][s] for s in seeds], [sign * scores[best][s] for s in seeds])
+                d = paired_difference([sign * scores[k][s] for s in seeds], [sign * scores[best][s] for s in seeds],
+                                      floor=floor)
                 if d.ci95[1] < 0:
                     continue
         out.append(k)
     return out
 
 
-def racing_decided(scores: Scores, alive: list[str], baseline: str, sign: float) -> bool:
+def racing_decided(scores: Scores, alive: list[str], baseline: str, sign: float, floor: float = 0.0) -> bool:
     """Whether more seeds can change nothing: no candidate left, or one whose paired
     difference to the baseline has a 95% CI that excludes 0."""
     candidates = [k for k in alive if k != baseline]
@@ -119,7 +122,8 @@ def racing_decided(scores: Scores, alive: list[str], baseline: str, sign: float)
     seeds = [s for s in scores[k] if scores[baseline].get(s) is not None]
     if len(seeds) < 2:
         return False
-    d = paired_difference([sign * scores[k][s] for s in seeds], [sign * scores[baseline][s] for s in seeds])
+    d = paired_difference([sign * scores[k][s] for s in seeds], [sign * scores[baseline][s] for s in seeds],
+                          floor=floor)
     return not d.contains_zero
 
 
@@ -152,8 +156,11 @@ class SeedRounds(Searcher):
         if self.queue or self.running or self.finished:
             return
         sign = 1.0 if self.mode == "max" else -1.0
-        alive = racing_survivors(self.scores, BASELINE, sign) if self.racing else []
-        if not self.racing or self.next_seed >= len(self.seeds) or racing_decided(self.scores, alive, BASELINE, sign):
+        values = [v for by_seed in self.scores.values() for v in by_seed.values() if v is not None]
+        floor = (accuracy_step(values) or 0.0) if self.metric in ACCURACIES else 0.0  # as the verdict's
+        alive = racing_survivors(self.scores, BASELINE, sign, floor) if self.racing else []
+        if (not self.racing or self.next_seed >= len(self.seeds)
+                or racing_decided(self.scores, alive, BASELINE, sign, floor)):
             self.finished = True
             if self.phase_dir is not None:
                 write_rounds(self.phase_dir, {k: sorted(v) for k, v in self.scores.items()})
