@@ -74,11 +74,20 @@ def test_racing_drops_a_clear_loser_after_two_seeds_and_keeps_the_baseline(tmp_p
 
 
 def test_racing_stops_when_one_candidate_clearly_beats_the_baseline():
-    means = {"candidate 1": 0.97, "candidate 2": 0.90, BASELINE: 0.90}
+    means = {"candidate 1": 0.97, "candidate 2": 0.70, BASELINE: 0.70}
     order = _drive(_searcher(list(means), True), lambda label, seed: means[label] + NOISE[seed])
-    # after two seeds candidate 2 is 0.07 below the best on both (shown worse: it drops) and
-    # candidate 1 is 0.07 above the baseline on both (shown better): the phase ends
+    # after two seeds candidate 2 is 0.27 below the best on both (shown worse: it drops) and
+    # candidate 1 is 0.27 above the baseline on both (shown better, even with the spread
+    # floored at the values' 0.01 step): the phase ends
     assert len(order) == 6
+
+
+def test_racing_floors_the_spread_so_equal_differences_are_not_certainty():
+    # the values move in steps of 0.01 (100 validation images): a 0.07 gain on two seeds is
+    # not shown (the floor's interval is +-0.09), so the race goes on to the next seed
+    means = {"candidate 1": 0.97, BASELINE: 0.90}
+    order = _drive(_searcher(list(means), True), lambda label, seed: means[label] + NOISE[seed])
+    assert len(order) > 4
 
 
 def test_racing_drops_a_config_with_a_diverged_seed():
