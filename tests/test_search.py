@@ -120,7 +120,10 @@ def _events(folder: Path):
 def test_hparams_view_lists_every_trial_with_its_tricks_and_accuracy(searched):
     from tensorboard.plugins.hparams import metadata as hp_metadata
 
+    from search.phases.hparams import columns
+
     space, outcome = searched
+    key_of = {name: key for key, name in columns(space).items()}
     root = Path(outcome.experiment.path) / "hparams"
     for row in outcome.rows:
         hparams, scalars = {}, {}
@@ -130,10 +133,11 @@ def test_hparams_view_lists_every_trial_with_its_tricks_and_accuracy(searched):
                     data = hp_metadata.parse_session_start_info_plugin_data(v.metadata.plugin_data.content) \
                         if v.tag == hp_metadata.SESSION_START_INFO_TAG else None
                     if data is not None:
-                        hparams = {k: json.loads(json.dumps(_value(x))) for k, x in data.hparams.items()}
+                        hparams = {key_of[k]: json.loads(json.dumps(_value(x))) for k, x in data.hparams.items()}
                 elif v.tag.startswith("hparams/"):
                     scalars.setdefault(v.tag, []).append((event.step, _scalar(v)))
-        assert hparams.keys() == row.values.keys()
+        assert hparams.keys() == {*row.values, "phase", "label", "seed"}
+        assert (hparams["phase"], hparams["label"], hparams["seed"]) == ("search", "search", space.train.run.seed)
         for k, value in row.values.items():
             assert hparams[k] == pytest.approx(value) if isinstance(value, float) else hparams[k] == value
         assert scalars["hparams/best_val_acc"][-1] == (row.epochs, pytest.approx(row.best))

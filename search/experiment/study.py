@@ -71,6 +71,8 @@ class StudySearch(OptunaSearch):
         seed: int | None = None, **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if ot_study(self) is not None and kwargs.get("metric"):  # the objective's name in optuna-dashboard
+            ot_study(self).set_metric_names([kwargs["metric"]])
         self._seed = seed
         self._time_attr = time_attr
         self._max_t = max_t

@@ -437,7 +437,8 @@ class PhaseProgress(TrialLines):
     def summary(self, trials: Sequence[Any]) -> str:
         """The phase's line when it ends: how long it took and how its trials ended."""
         elapsed = clock_time(self.clock() - self.t0)
-        ended = [self.outcome(t) for t in trials if str(t.status) in _ENDED]
+        done = [t for t in trials if str(t.status) in _ENDED]
+        ended = [self.outcome(t) for t in done]
         whys = [o[5] for o in ended]
         failed = sum(w.startswith((FAILED, DIVERGED)) for w in whys)
         complete = sum(w.startswith("done") for w in whys)
@@ -451,8 +452,7 @@ class PhaseProgress(TrialLines):
         if len(ended) < len(trials):
             parts.append(f"{len(trials) - len(ended)} did not end (--resume continues them)")
         line = f"{self.phase} ended after {elapsed}: " + ", ".join(parts)
-        scored = [(o[2], t) for o, t in zip(ended, [t for t in trials if str(t.status) in _ENDED])
-                  if o[2] is not None and o[5].startswith("done")]
+        scored = [(o[2], t) for o, t in zip(ended, done) if o[2] is not None and o[5].startswith("done")]
         if self.phase == "search" and scored:
             sign = -1.0 if self.space.experiment.mode == "max" else 1.0
             score, best = min(scored, key=lambda st: sign * st[0])

@@ -13,7 +13,7 @@ from search.experiment.folder import Experiment
 from search.experiment.resume import CsvRows, JsonRows
 from search.experiment.study import StudyBackup, make_searcher
 from search.phases.console import TrialLines, ray_verbosity
-from search.phases.hparams import HParamsCallback
+from search.phases.hparams import hparams_callback
 from search.phases.schedulers import make_scheduler
 from search.phases.trial import run_trial, trial_trainable
 from spaces import Space
@@ -49,7 +49,7 @@ def build_tuner(
                 CsvRows(),  # Tune's own loggers, whose rows stay in the experiment across drivers
                 JsonRows(),
                 TrialLines(space),  # one line per ended trial on the console
-                HParamsCallback(space, exp.local, upload=None if exp.store.is_local else exp.store.upload),
+                hparams_callback(space, exp),  # TensorBoard's HParams view
                 *([] if exp.store.is_local else [StudyBackup(exp.study_db, exp.store)]),
                 *(callbacks or []),
             ],
