@@ -121,7 +121,8 @@ def test_quickstart_is_the_laptop_default() -> None:
     assert space.experiment.confirm.seeds >= 3 and space.experiment.scheduler.schedule == "rung"
     assert space.experiment.scheduler.kind == "asha" and space.experiment.sampler.kind == "tpe"
     assert space.experiment.max_concurrent_trials is None  # as many as fit: 2 on 2 cores
-    assert space.experiment.num_samples == 10 and t.model.name == "resnet18_vd"
+    assert space.experiment.num_samples == 8 and t.model.name == "resnet18_vd"
+    assert space.rung_epochs() == [2] and t.run.epochs == 4  # a rung ASHA decides at, then the end
     assert space.experiment.mode == "max" and space.experiment.metric == "val_acc"
 
 
@@ -639,7 +640,7 @@ def test_tricks_baseline_and_trial_configs():
     assert space.tricks == {"mix.mode": ["mix.mixup_alpha", "mix.cutmix_alpha"], "label_smoothing": [],
                             "augment.randaugment.enabled": ["augment.randaugment.magnitude"],
                             "batch.global_batch": []}
-    assert space.trial_config({"mix.mode": "cutmix"}).schedule.restarts == space.rung_epochs() == [2, 4]
+    assert space.trial_config({"mix.mode": "cutmix"}).schedule.restarts == space.rung_epochs() == [2]
     plain = load_space(QUICKSTART, ["experiment.scheduler.schedule=plain"])
     assert plain.trial_config({"mix.mode": "cutmix"}).schedule.restarts == []
     confirm = space.confirm_config({"mix.mode": "cutmix"})
