@@ -129,6 +129,7 @@ def build_answer(exp: Experiment, space: Space | None = None, results: Any = Non
                 ablation.append({"trick": m.entry.trick, "reset": {k: v for k, v in m.entry.values.items()
                                                                   if v != decision.winner.entry.values.get(k)},
                                  "delta": d["delta"], "ci95": d["ci95"],
+                                 "active": list(space.active_values(m.entry.values)),
                                  "values": [sign * (a - b) for a, b in zip(decision.winner.values, m.values)]})
 
     importance, note = {}, "no search trial has finished all its epochs yet"

@@ -197,7 +197,8 @@ def _ablation(a: dict[str, Any]) -> list[str]:
         half = _half(r.get("ci95"))
         sure = "" if half is None or abs(r.get("delta") or 0.0) > half else " (CI contains 0)"
         body.append([f"{_cell(r.get('trick'))}: {fmt_delta(r.get('delta'), r.get('ci95'), metric)}{sure}",
-                     _cell(", ".join(f"{k}={v}" for k, v in (r.get("reset") or {}).items())),
+                     _cell(", ".join(f"{k}={v}" for k, v in (r.get("reset") or {}).items()
+                                     if r.get("active") is None or k in r["active"])),  # keys it uses
                      ", ".join(fmt_delta(v, None, metric).replace(" (no CI)", "").removesuffix(" pp")
                                for v in r.get("values") or [])])
     return [("The winner minus the winner with one trick reset to its base value, paired over the same "
