@@ -25,14 +25,12 @@ from trainable.cluster import connect
 from trainable.config import ConfigError
 from trainable.feasibility import check_space_feasible
 from trainable.status import DIVERGED, FAILED
-from trainable.storage import Storage
+from trainable.storage import STORAGE_ENV, Storage
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
 logger = logging.getLogger(__name__)
-
-STORAGE_ENV = "TRICK_SEARCH_STORAGE"  # the default --storage-path (set once per cluster)
 
 
 # Entry points ------------------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ import click
 import pytest
 import yaml
 
+from trainable.storage import STORAGE_ENV
+
 ROOT = Path(__file__).resolve().parents[1]
 AWS = ROOT / "cluster.yaml"
 ONPREM = ROOT / "clusters" / "onprem.yaml"
-STORAGE_ENV = "TRICK_SEARCH_STORAGE"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 

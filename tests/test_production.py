@@ -23,7 +23,8 @@ from trainable.resume import (
     config_hash,
     record_run,
 )
-from trainable.train import DEFAULT_STORAGE, STORAGE_ENV, default_storage, parse_args
+from trainable.storage import STORAGE_ENV
+from trainable.train import DEFAULT_STORAGE, default_storage, parse_args
 
 
 

@@ -15,6 +15,8 @@ from trainable.config import ConfigError
 from trainable.config_io import write_atomic
 
 CACHE_DIR = "~/.cache/trick-search"
+STORAGE_ENV = "TRICK_SEARCH_STORAGE"
+"""Where experiments and production runs go when no --storage-path is given (set once per cluster)."""
 
 
 def is_uri(path: str) -> bool:

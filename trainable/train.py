@@ -19,12 +19,11 @@ from trainable.config import ConfigError, TrainConfig
 from trainable.config_io import load_config
 from trainable.feasibility import check_config_feasible
 from trainable.resume import check_run, record_run
-from trainable.storage import Storage
+from trainable.storage import STORAGE_ENV, Storage  # production runs go under $STORAGE_ENV/train
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "~/trick-search/train"
-STORAGE_ENV = "TRICK_SEARCH_STORAGE"  # the search's storage (set once per cluster); runs go under train/
 
 
 def default_storage() -> str:
