@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from search.answer.build import build_answer
-from search.answer.stats import accuracy_step, prediction_interval
+from search.answer.stats import prediction_interval, rounding_floor
 from search.experiment.folder import open_experiment, recorded_space
 from search.experiment.trials import finished, read_results, summarise
 from trainable.config import ConfigError, TrainConfig
@@ -116,7 +116,7 @@ def export_trial(
         if why:
             evidence["verdict"] = f"unconfirmed ({why})"
         if space.experiment.metric.startswith("val_acc"):
-            evidence["spread_floor"] = accuracy_step([v for c in confirmed for v in c["values"]]) or 0.0
+            evidence["spread_floor"] = rounding_floor([v for c in confirmed for v in c["values"]])
     else:
         rows = finished(summarise(read_results(exp.path), space))
         if not rows:

@@ -12,6 +12,7 @@ import pytest
 
 from search.answer.build import build_answer
 from search.answer.decide import NO_GAIN, TIE, UNCONFIRMED, WINNER, decide, verdict_message
+from search.answer.stats import rounding_floor
 from search.experiment.phases import ABLATE, CONFIRM, Entry, Measured, ablation_matches, read_phase
 from search.phases.confirm import ablation_plan, confirm_plan
 from search.experiment.folder import experiment_for, record_space
@@ -208,10 +209,11 @@ def test_a_tie_below_the_baseline_is_never_the_answer(small_space):
     c1 = _measured("candidate 1", "candidate", [0.980, 0.990, 1.000], {"mix.mode": "cutmix", "label_smoothing": 0.1})
     c2 = _measured("candidate 2", "candidate", [0.940, 0.975, 0.955], {"label_smoothing": 0.1})
     d = decide([c1, c2, base], small_space)
-    # c1 - baseline is +0.03 on every seed: the floor (one image of 200, read from the values)
-    # keeps the interval open, yet it excludes 0; c2 is not better than the baseline, so no tie
+    # c1 - baseline is +0.03 on every seed: the floor (rounding to one image of 200, read from the
+    # values: sd 0.005 / sqrt(12) a value, sqrt(2) times that a difference) keeps the interval
+    # open, yet it excludes 0; c2 is not better than the baseline, so no tie
     assert d.verdict == WINNER and d.winner is c1
-    half = 4.302652729911275 * 0.005 / 3 ** 0.5
+    half = 4.302652729911275 * 0.005 / 6 ** 0.5 / 3 ** 0.5
     assert d.vs_baseline["ci95"] == pytest.approx([0.03 - half, 0.03 + half], abs=1e-9)
     assert d.vs_baseline["adjusted"] <= d.vs_baseline["delta"]
     # without c1 the best is c2, not shown better than the baseline: no gain, the baseline answers
@@ -302,6 +304,37 @@ def test_a_stale_ablation_is_recognised(small_space):
                                                                            "label_smoothing": 0.0}), small_space)
 
 
+def test_verify_fails_5_percent_of_no_change_runs_and_never_on_a_zero_width_interval():
+    import numpy as np
+
+    from search.export import verify_rule
+
+    rng = np.random.default_rng(5)
+    runs, fails = 4000, 0
+    for _ in range(runs):  # nothing changed: confirmation and verify seeds from one distribution (360 images)
+        conf = np.round(rng.normal(0.95, 0.006, 3) * 360) / 360
+        fresh = np.round(rng.normal(0.95, 0.006, 2) * 360) / 360
+        fails += not verify_rule(list(conf), list(fresh), 1 / 360 / 12 ** 0.5, (0.0, 1.0))[0]
+    assert 0.03 <= fails / runs <= 0.07  # binomial sd 0.0034
+    # three identical confirmed seeds: the old CI rule had width 0 and failed every time
+    inside, (lo, hi) = verify_rule([0.95, 0.95, 0.95], [0.95 + 1 / 360, 0.95], 1 / 360 / 12 ** 0.5, (0.0, 1.0))
+    assert inside and hi - lo > 0
+    assert not verify_rule([0.9, 0.91, 0.92], [float("nan"), 0.91])[0]  # a diverged verify seed fails
+
+
+@pytest.mark.parametrize("state, verdict, why", [
+    ("finished", WINNER, None),
+    ("finished", NO_GAIN, None),
+    ("confirming", WINNER, "the experiment is still confirming, so its verdict can still change"),
+    ("finished", UNCONFIRMED, "the verdict is unconfirmed (the baseline has not finished every seed yet)"),
+])
+def test_export_refuses_an_answer_that_is_not_final(state, verdict, why):
+    from search.export import not_final_reason
+
+    answer = {"state": state, "verdict": verdict, "verdict_reason": "the baseline has not finished every seed yet"}
+    assert not_final_reason(answer) == why
+
+
 def test_plans_dedupe_configs_and_ablate_a_trick_with_its_children(small_space):
     rows = [
         TrialRow("a", {"mix.mode": "cutmix", "mix.cutmix_alpha": 0.7, "label_smoothing": 0.1}, 0.9, EPOCHS, "done", 0.9),
@@ -373,9 +406,11 @@ def test_verify_says_whether_fresh_seeds_land_in_the_confirmed_interval(answered
     import trainable.train
 
     space, exp, _, _, answer = answered
-    lo, hi = answer["winner"]["ci95"]
-    mid = (lo + hi) / 2
-    values = [mid, mid] if inside else [hi + 0.01, hi + 0.03]
+    floor = rounding_floor([v for c in answer["confirm"] for v in c["values"]])
+    _, (lo, hi) = export.verify_rule(answer["winner"]["values"], [0.5, 0.5], floor, (0.0, 1.0))
+    mid = answer["winner"]["mean"]
+    values = [mid, mid] if inside else [min(hi + 0.01, 1.0)] * 2
+    assert hi < 1.0 or inside
     trained = []
 
     class Trainer:
@@ -394,4 +429,5 @@ def test_verify_says_whether_fresh_seeds_land_in_the_confirmed_interval(answered
     assert cfg.run.repeats == 2 and cfg.run.seed not in SEEDS and cfg.run.epochs == EPOCHS  # the confirmation budget
     line = out.strip().splitlines()[-1]
     assert line.startswith("verify: val_acc") and ("inside" if inside else "outside") in line
+    assert "prediction interval" in line
     assert f"{sum(values) / 2:.4f}" in line and f"[{lo:.4f}, {hi:.4f}]" in line

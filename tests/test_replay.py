@@ -158,7 +158,7 @@ def test_a_recorded_curve_is_what_a_real_trial_reports(ray_address, tmp_path):
     from spaces import load_space
 
     space = load_space("spaces/quickstart.yaml", [
-        f"experiment.storage_path={tmp_path}", "train.data.subset=0.1", "train.run.epochs=2",
+        f"experiment.storage_path={tmp_path}", "train.data.subset=0.05", "train.run.epochs=2",
         "experiment.scheduler.grace_period=1", "train.run.seed=5"])
     values = {"mix.mode": "cutmix", "mix.cutmix_alpha": 1.0, "label_smoothing": 0.1,
               "augment.randaugment.enabled": True, "augment.randaugment.magnitude": 9, "batch.global_batch": 32}

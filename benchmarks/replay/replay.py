@@ -147,7 +147,7 @@ def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder:
     from search.experiment.audit import AuditLog, read_audit
     from search.experiment.folder import Experiment
     from search.experiment.sampling import sampled_values
-    from search.experiment.study import DUPLICATES, load_study, make_searcher
+    from search.experiment.study import DUPLICATES, make_searcher
     from search.experiment.trials import summarise
     from search.phases.schedulers import make_scheduler
 
@@ -211,7 +211,7 @@ def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder:
             tick += 1
     results = [FakeResult(tid, trials[tid].config, reports[tid]) for tid in trials]
     rows = summarise(results, space, audited=read_audit(exp))
-    refused = int(load_study(db, space.experiment.name).user_attrs.get(DUPLICATES, 0))
+    refused = int(searcher._ot_study.user_attrs.get(DUPLICATES, 0))
     return SearchRun(rows, epochs_used, duplicates, refused, order)
 
 
@@ -231,7 +231,9 @@ def replay_once(space: Any, table: Table, truth: dict[str, Any], rng: np.random.
     if len(seeds) < need:
         raise ValueError(f"table {table.name}: {len(seeds)} seeds, a replay needs {need}")
     search_seed, confirm_seeds, verify_seeds = seeds[0], seeds[1:1 + c.seeds], seeds[1 + c.seeds:need]
-    with tempfile.TemporaryDirectory(prefix="replay-") as folder:
+    # the study's SQLite file in memory-backed storage where there is one: its commits dominate
+    scratch = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="replay-", dir=scratch) as folder:
         run = replay_search(space, table, search_seed, concurrency, folder, constant_liar)
     plan = confirm_plan(run.rows, space)
 

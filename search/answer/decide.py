@@ -11,8 +11,8 @@ The rules, in order:
   and the answer is the baseline;
 - configs tied with the best (paired interval containing 0) that are themselves shown
   better than the baseline make a tie, answered by the one with the fewest tricks;
-- intervals never have zero width (an accuracy's spread is floored at one validation image,
-  `search.answer.stats.accuracy_step`) and an accuracy's interval stays inside [0, 1];
+- intervals never have zero width (an accuracy's spread is floored at the rounding spread of
+  its step of one validation image, `spread_floor`) and an accuracy's interval stays inside [0, 1];
 - with fewer than 3 seeds the verdict is weak, and says so;
 - the gain over the baseline is reported raw (paired mean on the confirmation seeds, which
   also chose the winner) and corrected for having been selected as significant
@@ -27,7 +27,7 @@ from typing import Any
 
 from scipy import stats as sps
 
-from search.answer.stats import (MIN_SEEDS_STRONG, accuracy_step, p_best, paired_difference, selection_adjusted,
+from search.answer.stats import (MIN_SEEDS_STRONG, p_best, paired_difference, rounding_floor, selection_adjusted,
                                  summarise_values)
 from search.experiment.phases import BASELINE, Measured
 from search.experiment.trials import TrialRow
@@ -70,12 +70,13 @@ def _is_accuracy(metric: str) -> bool:
 
 
 def spread_floor(measured: list[Measured], space: Space) -> float:
-    """The floor on a standard deviation over seeds: for an accuracy, one validation image
-    (the step its values move in); 0 for a loss."""
+    """The floor on a standard deviation of one config's values over seeds: for an accuracy,
+    the spread of rounding to its step of one validation image (1/n), a uniform error on one
+    step: step / sqrt(12); 0 for a loss. A paired difference of two such values has sqrt(2)
+    times it (`paired_gain`)."""
     if not _is_accuracy(space.experiment.metric):
         return 0.0
-    step = accuracy_step([v for m in measured for v in m.values])
-    return step or 0.0
+    return rounding_floor([v for m in measured for v in m.values])
 
 
 def value_bounds(space: Space) -> tuple[float, float]:
@@ -89,12 +90,13 @@ def unstable_seeds(m: Measured) -> list[int]:
 
 def paired_gain(a: Measured, b: Measured, sign: float, floor: float = 0.0) -> dict[str, Any] | None:
     """a - b over their paired seeds (signed: positive means a is better), with its 95% CI
-    (the spread floored at `floor`, clipped to [-1, 1] for a floor from an accuracy); None
-    without two paired seeds."""
+    (the spread floored at sqrt(2) * `floor`, the floor of one config's values; clipped to
+    [-1, 1] for a floor from an accuracy); None without two paired seeds."""
     if len(a.values) < 2 or a.seeds != b.seeds:
         return None
     bounds = (-1.0, 1.0) if floor > 0 else (-math.inf, math.inf)
-    d = paired_difference([sign * v for v in a.values], [sign * v for v in b.values], floor=floor, bounds=bounds)
+    d = paired_difference([sign * v for v in a.values], [sign * v for v in b.values], floor=math.sqrt(2) * floor,
+                          bounds=bounds)
     return {"delta": d.mean, "ci95": list(d.ci95), "std": d.std, "n": d.n}
 
 

@@ -7,9 +7,9 @@ Plain numpy and scipy; a claim that one config beats another is never made from 
 so every interval needs at least two values. Only finite values enter (a diverged or failed
 seed is a status, `search.experiment.phases.Measured`), and nothing here raises on them.
 
-No zero-width interval: an accuracy over n validation images moves in steps of 1/n, so seeds
-can agree exactly while the truth still varies; the standard deviation is floored at that
-step (`accuracy_step`), i.e. no claim is finer than one image per seed. Intervals of an
+No zero-width interval: an accuracy over n validation images moves in steps of 1/n
+(`accuracy_step`), so seeds can agree exactly while the truth still varies; the callers floor
+the standard deviation at the spread of rounding to that step (`floor`). Intervals of an
 accuracy are clipped to [0, 1] (differences to [-1, 1]).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats as sps
 
 __all__ = [
-    "MIN_SEEDS_STRONG", "Summary", "accuracy_step", "p_best", "paired_difference", "prediction_interval",
+    "MIN_SEEDS_STRONG", "Summary", "accuracy_step", "p_best", "rounding_floor", "paired_difference", "prediction_interval",
     "selection_adjusted", "summarise_values", "weighted_tau",
 ]
 
@@ -67,6 +67,13 @@ def accuracy_step(values: Sequence[float], max_n: int = 100_000, tol: float = 1e
         if not ok.any():
             return None
     return float(1.0 / n[np.argmax(ok)])
+
+
+def rounding_floor(values: Sequence[float]) -> float:
+    """The spread of rounding an accuracy to its step (`accuracy_step`): a uniform error on
+    one step, step / sqrt(12); 0 when the values have no step (not an accuracy)."""
+    step = accuracy_step(values)
+    return step / math.sqrt(12) if step else 0.0
 
 
 def summarise_values(
