@@ -4,6 +4,7 @@ distributions over its key paths. Data only: no Ray, no Optuna, no torch."""
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -61,14 +62,16 @@ class SchedulerSettings(_Settings):
     a rung's ranking predicts the final one (rank correlation per rung in the report)."""
 
     def rungs(self, max_t: int) -> list[int]:
-        """ASHA's rung epochs below max_t: grace_period * reduction_factor**k."""
+        """The epochs below max_t at which ASHA compares trials. Its milestones are
+        grace_period * reduction_factor**k, as many as Ray's ASHA makes for max_t, and it
+        compares a trial at the first epoch it reports at or after a milestone: a fractional
+        milestone (grace 2, factor 2.5: 12.5) is compared at its ceiling (epoch 13), so that
+        is the rung, and where the rung schedule re-warms the LR."""
         if self.kind != "asha":
             return []
-        out, t = [], float(self.grace_period)
-        while t < max_t:
-            out.append(int(t))
-            t *= self.reduction_factor
-        return sorted(set(out))
+        rf, grace = self.reduction_factor, self.grace_period
+        count = int(math.log(max_t / grace) / math.log(rf) + 1)  # as Ray's ASHA bracket (s = 0) counts them
+        return sorted({e for e in (math.ceil(grace * rf**k) for k in range(max(count, 0))) if e < max_t})
 
 
 class ConfirmSettings(_Settings):
