@@ -593,3 +593,18 @@ def test_the_whole_console_of_a_quickstart_shaped_search(ray_address, tmp_path, 
     shown = _rendered(tty.getvalue())
     assert [ln for ln in shown if not ln.startswith(("search", "confirmation", "ablation"))] == []
     assert [ln for ln in shown if " ended after " in ln] == [ln for ln in lines if " ended after " in ln]
+
+
+def test_without_verbose_worker_lines_stay_off_the_console_but_failures_do_not():
+    from ray._private.ray_logging import LogDeduplicator
+
+    from search.phases.console import WORKER_LINES
+    from trainable.cluster import QUIET_WORKER_LINES
+
+    dedup = LogDeduplicator(5, None, f"{QUIET_WORKER_LINES}|{WORKER_LINES}")
+    lines = ["epoch 1/5  val_acc 0.5123  val_loss 1.2  train_loss 1.5  lr 0.1  812 img/s",
+             "Setting up process group for: env:// [rank=0, world_size=2]",
+             "Traceback (most recent call last):", "ValueError: a real failure",
+             "worker killed: out of memory"]
+    out = dedup.deduplicate({"ip": "1", "pid": 2, "lines": lines})
+    assert [ln for batch in out for ln in batch["lines"]] == lines[2:]

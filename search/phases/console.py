@@ -261,7 +261,7 @@ class _ConsoleHandler(logging.Handler):
 
 
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
-WORKER_LINES = r"(?i)^(?!.*(error|exception|traceback|killed|out of memory))"
+WORKER_LINES = r"^(?!.*(?i:error|exception|traceback|killed|out of memory))"
 """Worker output the console leaves out unless `--verbose`: every line that does not look like
 a failure (epoch lines, Ray Train's start-up lines). They stay in each run's log and in Ray's
 session logs; a failed trial also says why on its own line."""
