@@ -200,18 +200,55 @@ def _validate(data: dict[str, Any], src: str, sha: str, overrides: list[str], de
             "train.run.val_every",
             f"{base.run.val_every} with ASHA: a rung would compare stale scores; use 1 or scheduler kind fifo",
         )
-    if sched.kind == "asha" and base.schedule.warmup_epochs >= sched.grace_period:
-        logger.warning(
-            "%s: warning: experiment.scheduler.grace_period %d ends inside the LR warmup (train.schedule."
-            "warmup_epochs %g): the first rung compares trials before they trained at full LR",
-            src, sched.grace_period, base.schedule.warmup_epochs,
-        )
+    _check_rung_schedule(experiment, base, search, fail, src)
 
     production = _production(data.get("production") or {}, base, fail)
     return Space(
         experiment=experiment, train=base, search=search, source=src, sha256=sha, overrides=overrides,
         production=production,
     )
+
+
+def _check_rung_schedule(
+    experiment: ExperimentSettings, base: TrainConfig, search: dict[str, Distribution], fail: Fail, src: str
+) -> None:
+    """ASHA's rungs and the LR schedule. The `rung` schedule restarts a cosine at every rung,
+    each warmed up over the configured train.schedule.warmup_epochs (the largest searched
+    value when it is searched), as production warms up: a warmup longer than one of its
+    cosines is refused, one as long as the first ends at the first rung (a warning); a `step`
+    schedule is not annealed at rungs and is refused. With `plain`, a warning when the first
+    rung falls inside the warmup."""
+    sched = experiment.scheduler
+    if sched.kind != "asha":
+        return
+    names = {base.schedule.name, *(search["schedule.name"].values if "schedule.name" in search else [])}
+    warmup = max([base.schedule.warmup_epochs,
+                  *(search["schedule.warmup_epochs"].edge_values() if "schedule.warmup_epochs" in search else [])])
+    if sched.schedule == "rung" and "step" in names:
+        raise fail(
+            "experiment.scheduler.schedule",
+            "rung anneals a cosine LR at every rung, and train.schedule.name step is not annealed at rungs; "
+            "use train.schedule.name cosine or experiment.scheduler.schedule plain",
+        )
+    rungs = sched.rungs(base.run.epochs)
+    if sched.schedule == "rung" and rungs:
+        ends = [0, *rungs, base.run.epochs]
+        start, end = min(zip(ends, ends[1:]), key=lambda c: c[1] - c[0])
+        if warmup > end - start:
+            raise fail(
+                "train.schedule.warmup_epochs",
+                f"{warmup:g} is longer than the rung schedule's cosine from epoch {start} to {end} "
+                f"(rungs {rungs}, train.run.epochs {base.run.epochs}): it would never anneal; lower "
+                f"warmup_epochs to at most {end - start}, raise experiment.scheduler.grace_period, or use "
+                "experiment.scheduler.schedule plain",
+            )
+    if warmup >= sched.grace_period:
+        where, how = (("ends with", "at their peak LR, before their cosine anneals") if sched.schedule == "rung"
+                      else ("ends inside", "before they trained at full LR"))
+        logger.warning(
+            "%s: warning: experiment.scheduler.grace_period %d %s the LR warmup (train.schedule.warmup_epochs %g): "
+            "the first rung compares trials %s", src, sched.grace_period, where, warmup, how,
+        )
 
 
 def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -620,8 +620,8 @@ def test_early_rungs_and_warmup_get_one_line_warnings(caplog):
     with caplog.at_level("WARNING"):
         space = load_space(QUICKSTART, ["train.schedule.warmup_epochs=2"])
     assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
-        "warning: experiment.scheduler.grace_period 2 ends inside the LR warmup (train.schedule.warmup_epochs 2): "
-        "the first rung compares trials before they trained at full LR"]
+        "warning: experiment.scheduler.grace_period 2 ends with the LR warmup (train.schedule.warmup_epochs 2): "
+        "the first rung compares trials at their peak LR, before their cosine anneals"]
     caplog.clear()
     space = load_space(QUICKSTART, ["experiment.scheduler.grace_period=1", "train.data.subset=0.3"])
     with caplog.at_level("WARNING"):

@@ -122,8 +122,9 @@ def lr_factor(
 
     Cosine with `restarts` (epochs): each restart ends a cosine at its floor (the factor at
     update restart * updates_per_epoch is `min_lr_factor`); the next cosine re-warms
-    linearly from the floor to 1.0 over `warmup_updates`; with restarts every warmup takes at
-    most half of its cosine, so each one still ends annealed.
+    linearly from the floor to 1.0 over `warmup_updates`. Every warmup is the configured one,
+    as in a run without restarts (the search trains what production trains); a space whose
+    warmup is longer than a cosine of its rung schedule is refused (`spaces.loader`).
     """
     if updates_per_epoch < 1:
         raise ValueError(f"updates_per_epoch must be >= 1, got {updates_per_epoch}")
@@ -137,7 +138,7 @@ def lr_factor(
         start, end = ([0, *ends])[k], ([*ends, total_updates])[k]
         floor = s.min_lr_factor
         first = s.warmup_start_factor if k == 0 else floor
-        warm = min(warmup_updates, (end - start) // 2) if ends else warmup_updates
+        warm = warmup_updates
         at = update - start
         if at < warm:
             return first + (1.0 - first) * at / warm
