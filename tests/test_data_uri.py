@@ -311,3 +311,126 @@ def test_a_corrupt_image_in_the_bucket_is_named_by_its_uri(aws, tmp_path):
         train[3]
     train, _, _ = build_datasets(_config(uri, cache_dir=str(tmp_path / "cache"), skip_corrupt=True))
     assert train[3][1] == 0  # the next image stands in (the first, wrapping around)
+
+
+# End to end: a two-node local Ray cluster reading the bucket ----------------------------------------------
+CLUSTER = """
+import json, sys
+from ray.cluster_utils import Cluster
+
+head_cache, worker_cache = sys.argv[1:3]
+cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+    "num_cpus": 2, "include_dashboard": False, "env_vars": {"TRICK_SEARCH_DATA_CACHE": head_cache}})
+worker = cluster.add_node(num_cpus=2, env_vars={"TRICK_SEARCH_DATA_CACHE": worker_cache})
+cluster.wait_for_nodes(timeout=60)
+print(json.dumps({"address": cluster.address}), flush=True)
+try:
+    sys.stdin.readline()
+finally:
+    cluster.shutdown()
+"""
+
+E2E_SPACE = """\
+experiment:
+  name: bucket
+  num_samples: 2
+  max_concurrent_trials: 2
+  scheduler: {{kind: fifo}}
+  confirm: null
+train:
+  model: {{name: resnet18_vd, small_input: false}}
+  data: {{kind: imagefolder, root: {root}, image_size: 32, loader_workers: 0}}
+  augment: {{hflip: 0.0, crop_scale: [0.35, 1.0]}}
+  batch: {{global_batch: 8, micro_batch: 4}}
+  distributed: {{num_workers: 2}}
+  optimizer: {{base_lr: 0.4, weight_decay: 5.0e-5}}
+  schedule: {{warmup_epochs: 0.5}}
+  run: {{epochs: 1, log_every: 2}}
+search:
+  label_smoothing: {{choice: [0.0, 0.1]}}
+"""
+
+E2E_TRAIN = """\
+model: {{name: resnet18_vd, small_input: false}}
+data: {{kind: imagefolder, root: {root}, image_size: 32, loader_workers: 0}}
+augment: {{hflip: 0.0, crop_scale: [0.35, 1.0]}}
+batch: {{global_batch: 16, micro_batch: 4}}
+distributed: {{num_workers: 4}}
+optimizer: {{base_lr: 0.4}}
+run: {{epochs: 1, log_every: 1, seed: 3}}
+"""
+
+
+def _trial_rows(exp: Path) -> list[list[dict]]:
+    out = []
+    for f in exp.rglob("result.json"):
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        if rows and "trial_id" in rows[0]:
+            out.append(rows)
+    return out
+
+
+def _train(args: list[str], env: dict[str, str]) -> tuple[str, Path]:
+    r = subprocess.run([PYTHON, "-m", "trainable.train", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    done = next(line for line in r.stdout.splitlines() if line.startswith("done:"))
+    return done.split("; checkpoint:")[0], Path(done.split("; checkpoint: ")[1].strip())
+
+
+@pytest.mark.slow
+def test_search_and_production_read_the_bucket_each_node_staging_once(tmp_path):
+    import torch
+
+    server = S3Server(tmp_path / "s3")
+    cluster = None
+    try:
+        local = image_folder(tmp_path / "local", train=16, val=4)
+        uri = server.upload(local, "e2e")
+        env = cli_env(**server.env)
+        nodes = tmp_path / "head-cache", tmp_path / "worker-cache"
+        cluster = subprocess.Popen([PYTHON, "-c", CLUSTER, *map(str, nodes)], cwd=ROOT, env=env, text=True,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert cluster.stdout is not None
+        address = json.loads(cluster.stdout.readline())["address"]  # the cluster's own 60 s wait bounds this
+
+        # the search: one 2-worker trial on each node, from the bucket
+        (tmp_path / "space.yaml").write_text(E2E_SPACE.format(root=uri))
+        search = subprocess.run([PYTHON, "-m", "search.run", "--space", str(tmp_path / "space.yaml"), "--address",
+                                 address, "--storage-path", str(tmp_path / "exps")],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert search.returncode == 0, (search.stdout + search.stderr)[-4000:]
+        trials = _trial_rows(tmp_path / "exps" / "bucket")
+        assert len(trials) == 2 and all(rows[-1]["epoch"] == 1 for rows in trials)
+        assert len({rows[-1]["node_id"] for rows in trials}) == 2  # both nodes trained
+        for rows in trials:
+            assert {"startup_s", "staging_s", "staging_bytes", "staging_files"} <= set(rows[0])
+            assert rows[0]["startup_s"] >= rows[0]["staging_s"] > 0
+        assert sum(rows[0]["staging_files"] for rows in trials) == 2 * 60  # each node fetched the 60 images once
+        gets = server.object_gets("e2e/")
+        assert len(gets) == 60 and set(gets.values()) == {2}, gets  # counted on the server: once per node
+        for cache in nodes:
+            assert _staged_files(_copy(cache) / "files") == 60
+
+        # production on both nodes (4 workers of 1 CPU): from the bucket, then from the local folder
+        (tmp_path / "bucket.yaml").write_text(E2E_TRAIN.format(root=uri))
+        (tmp_path / "local.yaml").write_text(E2E_TRAIN.format(root=local))
+        common = ["--address", address, "--storage-path", str(tmp_path / "runs")]
+        remote_done, remote_ckpt = _train(["--config", str(tmp_path / "bucket.yaml"), *common], env)
+        assert server.object_gets("e2e/") == gets  # both nodes had their copy: nothing downloaded again
+        local_done, local_ckpt = _train(["--config", str(tmp_path / "local.yaml"), *common], env)
+    finally:
+        if cluster is not None and cluster.poll() is None:
+            assert cluster.stdin is not None
+            cluster.stdin.write("quit\n")
+            cluster.stdin.flush()
+            try:
+                cluster.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                cluster.kill()
+        server.stop()
+    assert remote_done == local_done
+    a = torch.load(remote_ckpt / "state.pt", weights_only=False)
+    b = torch.load(local_ckpt / "state.pt", weights_only=False)
+    assert a["classes"] == b["classes"] and a["epoch"] == b["epoch"] == 1
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # bit-identical on CPU

@@ -3,7 +3,9 @@
 Ray Train restarts a run's worker group after any worker error (up to
 `distributed.max_failures`), and a search restarts a failed trial. Both help only when the
 cause can go away: a lost worker or node, an OOM kill. A `ConfigError` (`DataError`
-included) raised while making the config or on a worker comes back on every attempt, so it
+included, and so `trainable.staging.NodeCacheError`: a node whose data cache folder cannot be
+written or is too small for the staged data would fail the same way on the next attempt)
+raised while making the config or on a worker comes back on every attempt, so it
 ends the run at once (`EndOnUserError`; the search's trial asks `deterministic_cause`). A
 run that diverged does not fail at all: the worker loop turns it into a final result
 (`trainable.loop.diverged_metrics`).
@@ -17,7 +19,30 @@ from ray.train import UserCallback
 
 from trainable.config import ConfigError
 
-__all__ = ["EndOnUserError", "deterministic_cause"]
+__all__ = ["EndOnUserError", "FixedMicroBatchOutOfMemory", "deterministic_cause", "out_of_memory"]
+
+
+class FixedMicroBatchOutOfMemory(ConfigError):
+    """A CUDA out-of-memory at a fixed `batch.micro_batch`: the same config on the same
+    device runs out of memory on every attempt, so it is not retried."""
+
+
+def out_of_memory(err: BaseException, cfg: Any, device_memory: int | None = None) -> BaseException:
+    """What a worker raises for the CUDA out-of-memory `err` while training `cfg` (a
+    `TrainConfig`): with a fixed micro-batch, a `FixedMicroBatchOutOfMemory` naming the
+    global batch, the micro-batch, the workers and the device's memory (bytes; None when
+    unknown) and suggesting `micro_batch: auto`; with `auto` (probed), `err` itself, retried
+    like any other failure."""
+    b = cfg.batch
+    if b.micro_batch == "auto":
+        return err
+    memory = f" on a device with {device_memory / 2**30:.1f} GiB" if device_memory else ""
+    return FixedMicroBatchOutOfMemory(
+        f"CUDA out of memory at batch.global_batch {b.global_batch} with batch.micro_batch {b.micro_batch} "
+        f"(x {cfg.distributed.num_workers} workers){memory}: the same config runs out of memory on every "
+        "attempt, so it is not retried; set batch.micro_batch: auto (the largest micro-batch that fits) or "
+        "a smaller micro_batch"
+    )
 
 
 def deterministic_cause(err: BaseException | list[BaseException]) -> BaseException | None:
