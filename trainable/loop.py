@@ -22,6 +22,7 @@ from models import create_model
 from trainable.config import ConfigError, DataError, TrainConfig
 from trainable.data import Loaders, build_loaders, denormalize, normalize
 from trainable.distributed import all_gather, all_reduce_sum, rng_state, seed_everything, set_rng_state
+from trainable.failures import out_of_memory
 from trainable.micro_batch import resolve_micro_batch
 from trainable.mix import Mixer
 from trainable.optim import build_optimizer, build_scheduler
@@ -194,6 +195,12 @@ def train_loop_per_worker(config_dict: dict[str, Any]) -> None:
             if rank == 0:
                 logger.error("%s", err)
             report({**diverged_metrics(err), "seed": run_cfg.run.seed, "repeat": repeat})
+        except torch.OutOfMemoryError as err:  # deterministic at a fixed micro_batch: not retried
+            memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+            fixed = out_of_memory(err, run_cfg, memory)
+            if fixed is err:
+                raise
+            raise fixed from err
 
 
 def run_training(
