@@ -17,6 +17,7 @@ from search.experiment.phases import ABLATE, BASELINE, CONFIRM, Measured, ablati
 from search.experiment.trials import TrialRow, read_results, summarise
 from spaces import Space
 from trainable.config import ConfigError
+from trainable.status import FAILED
 
 __all__ = ["MIN_IMPORTANCE_TRIALS", "MIN_TAU_TRIALS", "build_answer"]
 
@@ -98,6 +99,20 @@ def _trials(rows: list[TrialRow], phases: dict[str, list[Measured]], space: Spac
                             "epochs": max((e for e, _ in curve), default=0), "seed": seed,
                             "curve": [list(p) for p in curve]})
     return out
+
+
+def failed_trials(rows: list[TrialRow]) -> dict[str, Any] | None:
+    """The search trials that failed (`error`: still failing after their retries, a later
+    `--resume` retries them; `failed`: an error no retry changes), each with its reason, and
+    one line for people ("2 of 48 search trials failed: ..."); None when none failed."""
+    failed = [r for r in rows if r.status in ("error", FAILED)]
+    if not failed:
+        return None
+    trials = [{"trial_id": r.trial_id, "status": r.status, "error": r.error or "no reason recorded"} for r in failed]
+    reasons = "; ".join(f"{t['trial_id']} ({t['status']}): {t['error']}" for t in trials)
+    line = (f"{len(failed)} of {len(rows)} search trials failed: {reasons}. The answer rests on the others"
+            + ("; --resume retries those with status error" if any(r.status == "error" for r in failed) else ""))
+    return {"count": len(failed), "of": len(rows), "trials": trials, "line": line + "."}
 
 
 def build_answer(exp: Experiment, space: Space | None = None, results: Any = None) -> dict[str, Any]:
@@ -194,6 +209,7 @@ def build_answer(exp: Experiment, space: Space | None = None, results: Any = Non
         "importance_note": note,
         "rung_tau": taus,
         "late_bloomers": bloomers,
+        "failed": failed_trials(rows),
         "trials": _trials(rows, {CONFIRM: confirm, ABLATE: ablate}, space),
         "searched_keys": list(space.searched_paths),
         "tricks": space.tricks,

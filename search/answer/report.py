@@ -107,7 +107,8 @@ def _answer(a: dict[str, Any]) -> list[str]:
     metric, verdict, w = a.get("metric", "metric"), a.get("verdict"), a.get("winner")
     out = [a.get("message") or "(no answer yet)"]
     if not w:
-        return [out[0], "", f"No winner yet: the experiment is {a.get('state') or 'searching'}.", ""]
+        failed = [f"**Failed trials:** {a['failed']['line']}", ""] if (a.get("failed") or {}).get("line") else []
+        return [out[0], "", f"No winner yet: the experiment is {a.get('state') or 'searching'}.", "", *failed]
     changed = ", ".join(w.get("changed") or []) or "nothing (the baseline)"
     seeds = w.get("seeds") or []
     over = f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if len(seeds) != 1 else f"one seed ({seeds[0]})"
@@ -141,6 +142,8 @@ def _answer(a: dict[str, Any]) -> list[str]:
     if base and verdict != "unconfirmed":
         out.append(f"Baseline: {metric} {_mean_ci(base, metric)}." if _finite(base.get("mean")) else
                    f"Baseline: no score ({base.get('status') or 'no seed finished'}).")
+    if (a.get("failed") or {}).get("line"):
+        out.append(f"**Failed trials:** {a['failed']['line']}")
     b = a.get("budget") or {}
     if b:
         confirm = (f", confirmation runs {b['epochs_confirm']} epochs ({b.get('trial_epochs_confirm', '?')} "

@@ -327,6 +327,8 @@ def answer_block(answer: dict[str, Any] | None, exp: Experiment) -> str:
         lines.append(f"  {c['label']:<12} {c['mean']:.4f}{ci}  {', '.join(c['changed']) or '(no trick changed)'}")
     for a in answer.get("ablation") or []:
         lines.append(f"  trick {a['trick']}: {a['delta']:+.4f} [{a['ci95'][0]:+.4f}, {a['ci95'][1]:+.4f}]")
+    if (answer.get("failed") or {}).get("line"):
+        lines.append(f"failed:     {answer['failed']['line']}")
     lines.append(f"report:     {exp.path}/report/report.md")
     lines.append(f"export it:  python -m search.export --experiment {exp.path} --out best.yaml")
     return "\n".join(lines)
