@@ -515,12 +515,12 @@ def _run_console(space, exp, sets, callbacks) -> SimpleNamespace:
         tune.with_resources(tune.with_parameters(run_trial, space=space, runs_path=exp.runs, launch=_console_launch),
                             {"CPU": 0, "memory": 2**20}),
         tune_config=tune.TuneConfig(search_alg=make_searcher(space, exp.study_db), scheduler=make_scheduler(space, exp),
-                                    num_samples=space.experiment.num_samples, max_concurrent_trials=4),
+                                    num_samples=space.experiment.num_samples, max_concurrent_trials=8),
         run_config=tune.RunConfig(name=exp.name, storage_path=exp.storage, verbose=ray_verbosity(callbacks),
                                   callbacks=[TrialLines(space), *callbacks]),
     )
     rows = summarise(tuner.fit(), space)
-    run_confirmation(space, exp, rows, concurrent=4, callbacks=callbacks, launch=_console_launch)
+    run_confirmation(space, exp, rows, concurrent=8, callbacks=callbacks, launch=_console_launch)
     return SimpleNamespace(rows=rows, answer=write_answer(exp, space))
 
 
