@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from search.experiment.folder import SEARCH_INFO, Experiment, recorded_space
 from search.experiment.trials import format_table, read_results, summarise
-from search.experiment.study import ABANDONED, TUNE_TRIAL_ID, load_study
+from search.experiment.study import ABANDONED, DUPLICATE_OF, TUNE_TRIAL_ID, load_study
 from tests.conftest import PYTHON, ROOT, cli_env
 
 pytestmark = pytest.mark.slow
@@ -227,7 +227,8 @@ def test_search_survives_sigkills_and_resumes_to_one_consistent_story(tmp_path):
     assert {r.status for r in rows} <= {"done", "stopped early"}, format_table(rows, space)
     by_tid: dict[str, list] = {}
     for t in study.trials:
-        by_tid.setdefault(t.user_attrs.get(TUNE_TRIAL_ID), []).append(t)
+        if DUPLICATE_OF not in t.user_attrs:  # a proposal identical to an earlier trial: FAIL, never trained
+            by_tid.setdefault(t.user_attrs.get(TUNE_TRIAL_ID), []).append(t)
     epochs_of = {r.metrics["trial_id"]: [int(e) for e in r.metrics_dataframe["epoch"]] for r in results}
     for row in rows:
         (t,) = by_tid.pop(row.trial_id)

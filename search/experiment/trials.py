@@ -73,9 +73,11 @@ def summarise(
 ) -> list[TrialRow]:
     """One row per trial, the best first (by the score, the metric at the last epoch;
     trials without one last). `audited`: trial id -> rung epoch of the audited trials."""
+    from search.experiment.ray_private import experiment_analysis
+
     exp = space.experiment
-    # Tune's trial states: a ResultGrid keeps them beside its Results (the pinned Ray's layout)
-    analysis = getattr(results, "_experiment_analysis", None)
+    # Tune's trial states: a ResultGrid keeps them beside its Results (a private part of Ray)
+    analysis = experiment_analysis(results)
     ended = {t.trial_id for t in analysis.trials if t.status in ("TERMINATED", "ERROR")} if analysis else set()
     rows = [_row(r, space.searched_paths, exp.metric, exp.mode, space.train.run.epochs, ended) for r in results]
     for row in rows:
