@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -420,7 +421,9 @@ class PhaseProgress(TrialLines):
         return done, running, max(total - done - running, 0)
 
     def status(self, trials: Sequence[Any]) -> str:
-        """`<phase>: <done>/<total> done, <running> running, <to go> to go, <elapsed> elapsed, ETA <left>`."""
+        """`<phase>: <done>/<total> done, <running> running, <to go> to go, <elapsed> elapsed, ETA <left>`;
+        on a terminal `<phase> [<bar>] <done>/<total> done, ETA <left>, <elapsed> elapsed, <running>
+        running, <to go> to go` (cut at the terminal's width: the most needed first)."""
         now = self.clock()
         done, running, to_go = self.counts(trials)
         self.slots = max(self.slots, running)
@@ -431,9 +434,10 @@ class PhaseProgress(TrialLines):
         total = done + running + to_go
         counts = f"{done}/{total} done, {running} running, {to_go} to go, {clock_time(now - self.t0)} elapsed, ETA {left}"
         if self._is_tty():
-            width = 20
+            width = 12
             filled = round(width * done / total) if total else 0
-            return f"{self.phase} [{'#' * filled}{'.' * (width - filled)}] {counts}"
+            return (f"{self.phase} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} done, ETA {left}, "
+                    f"{clock_time(now - self.t0)} elapsed, {running} running, {to_go} to go")
         return f"{self.phase}: {counts}"
 
     def summary(self, trials: Sequence[Any]) -> str:
@@ -489,7 +493,8 @@ class PhaseProgress(TrialLines):
             self._shown_at = now if not self._is_tty() else None
         if self._is_tty():
             if self._shown_at is None or now - self._shown_at >= 1.0:
-                LIVE.show(self.stream or sys.stdout, self.status(trials))
+                width = shutil.get_terminal_size().columns - 1  # a wrapped line could not be redrawn in place
+                LIVE.show(self.stream or sys.stdout, self.status(trials)[:width])
                 self._shown_at = now
         elif self._shown_at is None or now - self._shown_at >= self.interval:
             self._out(self.status(trials))
