@@ -26,10 +26,15 @@ again, nothing else).
 A cache folder that cannot be written, or a disk too small for the data, ends the run
 with one `NodeCacheError` line naming the node, the folder and the bytes needed (a
 `DataError`: `trainable.failures` does not retry it). No torch.
+
+`python -m trainable.staging s3://bucket/folder` stages on this machine ahead of a search
+(a first trial on a node otherwise waits for the download, and so do the other nodes of a
+trial that spans several).
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import fcntl
 import hashlib
@@ -39,6 +44,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -358,3 +364,24 @@ def _fetch_one(fs: pyarrow.fs.FileSystem, src: str, tmp: Path, size: int) -> tup
         raise OSError(errno.EIO, f"{src}: got {got} bytes, the listing says {size}")
     etag = meta.get(b"ETag") or meta.get("ETag")
     return md5.hexdigest(), etag.decode() if isinstance(etag, bytes) else etag
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainable.staging",
+                                description="Stage an image folder on object storage into this machine's data cache.")
+    p.add_argument("uri", help="the data.root URI (s3://bucket/folder, gs://...)")
+    p.add_argument("--cache-dir", help=f"data.cache_dir (default ${DATA_CACHE_ENV}, else the machine's data cache)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    try:
+        staged = stage_image_folder(args.uri, args.cache_dir, reuse_s=0)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    s = staged.stats
+    print(f"{args.uri}: complete at {staged.local_root} ({s.files} files, {_size(s.bytes)} downloaded in {s.seconds:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
