@@ -216,6 +216,15 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
             proc.kill()
 
 
+def test_a_node_can_be_staged_ahead_from_the_command_line(aws, tmp_path, capsys):
+    from trainable.staging import main
+
+    assert main([_uri(aws, "small"), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "complete at" in capsys.readouterr().out and (_copy(tmp_path / "cache") / "complete.json").exists()
+    assert main([_uri(aws, "gone"), "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err == f"error: {_uri(aws, 'gone')}: no such folder (data.root for data.kind 'imagefolder')\n"
+
+
 # A node that cannot hold the copy -------------------------------------------------------------------------
 def _one_line_naming_node_folder_and_bytes(err: NodeCacheError, folder: Path, need: int) -> None:
     text = str(err)
