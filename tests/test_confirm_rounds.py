@@ -83,11 +83,28 @@ def test_racing_stops_when_one_candidate_clearly_beats_the_baseline():
 
 
 def test_racing_floors_the_spread_so_equal_differences_are_not_certainty():
-    # the values move in steps of 0.01 (100 validation images): a 0.07 gain on two seeds is
-    # not shown (the floor's interval is +-0.09), so the race goes on to the next seed
-    means = {"candidate 1": 0.97, BASELINE: 0.90}
+    # the values move in steps of 0.01 (100 validation images): a gain of 0.03 on both of two
+    # seeds is not shown (the floored interval is wider), so the race goes on to the next seed
+    means = {"candidate 1": 0.93, BASELINE: 0.90}
     order = _drive(_searcher(list(means), True), lambda label, seed: means[label] + NOISE[seed])
     assert len(order) > 4
+
+
+@pytest.mark.parametrize("a, b", [([0.93, 0.95, 0.94], [0.90, 0.93, 0.90]), ([0.95, 0.96], [0.93, 0.94])])
+def test_racing_intervals_are_the_verdicts(a, b):
+    from search.answer.decide import paired_gain, spread_floor
+    from search.answer.stats import paired_difference
+    from search.experiment.phases import Measured
+
+    seeds = SEEDS[:len(a)]
+    ma = Measured(Entry("candidate 1", "candidate", {}), "t1", seeds, a)
+    mb = Measured(Entry(BASELINE, BASELINE, {}), "t2", seeds, b)
+    verdict = paired_gain(ma, mb, 1.0, spread_floor([ma, mb], load_space(QUICKSTART)))
+    s = _searcher(["candidate 1", BASELINE], True)
+    s.scores = {"candidate 1": dict(zip(seeds, a)), BASELINE: dict(zip(seeds, b))}
+    assert s.paired_floor() > 0
+    race = paired_difference(a, b, floor=s.paired_floor())
+    assert race.ci95 == pytest.approx(tuple(verdict["ci95"]), abs=1e-12)
 
 
 def test_racing_drops_a_config_with_a_diverged_seed():

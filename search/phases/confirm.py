@@ -20,13 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
-from search.answer.stats import accuracy_step, paired_difference
+from search.answer.stats import paired_difference, rounding_floor
 from search.experiment.folder import Experiment
 from search.experiment.phases import BASELINE, CONFIRM, Entry, phase_exists, phase_path, write_rounds
 from search.experiment.resume import CsvRows, JsonRows
 from search.experiment.trials import TrialRow
 from search.phases.console import TrialLines, ray_verbosity
 from search.phases.hparams import hparams_callback
+from search.phases.schedulers import RecordedFIFO
 from search.phases.trial import train_or_report_failure, trial_trainable
 from spaces import Space
 from trainable.status import RUN_STATUS
@@ -156,8 +157,7 @@ class SeedRounds(Searcher):
         if self.queue or self.running or self.finished:
             return
         sign = 1.0 if self.mode == "max" else -1.0
-        values = [v for by_seed in self.scores.values() for v in by_seed.values() if v is not None]
-        floor = (accuracy_step(values) or 0.0) if self.metric in ACCURACIES else 0.0  # as the verdict's
+        floor = self.paired_floor()
         alive = racing_survivors(self.scores, BASELINE, sign, floor) if self.racing else []
         if (not self.racing or self.next_seed >= len(self.seeds)
                 or racing_decided(self.scores, alive, BASELINE, sign, floor)):
@@ -166,6 +166,13 @@ class SeedRounds(Searcher):
                 write_rounds(self.phase_dir, {k: sorted(v) for k, v in self.scores.items()})
         else:
             self._plan(alive, 1)
+
+    def paired_floor(self) -> float:
+        """The floor on a paired difference's spread, as the verdict floors it
+        (`search.answer.decide.paired_gain`): for an accuracy, sqrt(2) times the rounding
+        spread of one validation image."""
+        values = [v for by_seed in self.scores.values() for v in by_seed.values() if v is not None]
+        return math.sqrt(2) * rounding_floor(values) if self.metric in ACCURACIES else 0.0
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         self._advance()
@@ -238,6 +245,7 @@ def run_phase(
                                       racing=bool(c and c.racing and phase == CONFIRM), phase_dir=path),
                 num_samples=len(entries) * len(seeds),
                 max_concurrent_trials=concurrent,
+                scheduler=RecordedFIFO(),  # every trial in Tune's saved state before it trains
             ),
             run_config=tune.RunConfig(
                 name=phase,
