@@ -5,14 +5,14 @@ on a two-node local Ray cluster from the bucket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -130,9 +130,17 @@ stage_image_folder(sys.argv[1], sys.argv[2], threads=1)
 """
 
 
-def _stage_in_a_process(aws: S3Server, uri: str, cache: Path) -> subprocess.Popen:
-    return subprocess.Popen([PYTHON, "-c", STAGE, uri, str(cache)], cwd=ROOT, env=cli_env(**aws.env),
+@contextlib.contextmanager
+def _staging_process(aws: S3Server, uri: str, cache: Path) -> Iterator[subprocess.Popen]:
+    """Another process staging `uri` into `cache` (one download at a time), killed at the end."""
+    proc = subprocess.Popen([PYTHON, "-c", STAGE, uri, str(cache)], cwd=ROOT, env=cli_env(**aws.env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def _wait_for_files(cache: Path, at_least: int, proc: subprocess.Popen, timeout: float = 60) -> None:
@@ -148,14 +156,10 @@ def _wait_for_files(cache: Path, at_least: int, proc: subprocess.Popen, timeout:
 def test_a_staging_killed_halfway_is_completed_by_the_next(aws, tmp_path):
     uri, cache = _uri(aws, "many"), tmp_path / "cache"
     before = aws.object_gets("many/")
-    proc = _stage_in_a_process(aws, uri, cache)
-    try:
+    with _staging_process(aws, uri, cache) as proc:
         _wait_for_files(cache, 20, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     folder = _copy(cache)
     assert not (folder / "complete.json").exists()  # never taken as a whole copy
     kept = _staged_files(folder / "files")
@@ -173,14 +177,10 @@ def test_a_staging_killed_halfway_is_completed_by_the_next(aws, tmp_path):
 def test_other_processes_wait_for_the_one_staging_and_download_nothing(aws, tmp_path):
     uri, cache = _uri(aws, "many"), tmp_path / "cache"
     before = aws.object_gets("many/")
-    proc = _stage_in_a_process(aws, uri, cache)
-    try:
+    with _staging_process(aws, uri, cache) as proc:
         _wait_for_files(cache, 5, proc)
         staged = stage_image_folder(uri, str(cache))  # blocks on the lock until the other is done
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert staged.stats.files == 0 and staged.stats.waited_s > 0
     gets = {k: n - before.get(k, 0) for k, n in aws.object_gets("many/").items()}
     assert len(gets) == 300 and set(gets.values()) == {1}
@@ -429,12 +429,9 @@ def test_search_and_production_read_the_bucket_each_node_staging_once(tmp_path):
         assert server.object_gets("e2e/") == gets  # both nodes had their copy: nothing downloaded again
         local_done, local_ckpt = _train(["--config", str(tmp_path / "local.yaml"), *common], env)
     finally:
-        if cluster is not None and cluster.poll() is None:
-            assert cluster.stdin is not None
-            cluster.stdin.write("quit\n")
-            cluster.stdin.flush()
-            try:
-                cluster.wait(timeout=60)
+        if cluster is not None:
+            try:  # any line on stdin ends the cluster
+                cluster.communicate("quit\n", timeout=60)
             except subprocess.TimeoutExpired:
                 cluster.kill()
         server.stop()
