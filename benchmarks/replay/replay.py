@@ -404,14 +404,15 @@ def _pp(x: list[float]) -> str:
 
 def markdown(lines: list[dict[str, Any]]) -> str:
     """The figures of `main --out` as a Markdown table (95% CIs in brackets)."""
-    head = ["table", "setting", "n", "P(right)", "P(verdict not 'no gain')", "gain bias raw (winners)",
-            "gain bias adjusted (winners)", "--verify false failures", "trial-epochs / brute force",
+    head = ["table", "setting", "n", "P(right)", "P(verdict not 'no gain')", "gain bias raw (all)",
+            "gain bias adjusted (all)", "gain bias raw (winners)", "gain bias adjusted (winners)", "--verify false failures", "trial-epochs / brute force",
             "duplicate trials", "s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in lines:
         used = f["trial_epochs_vs_brute_force"]
         rows.append("| " + " | ".join([
             f["table"], f["setting"], str(f["n"]), _pct(f["p_right"]), _pct(f["p_false_winner"]),
+            _pp(f["gain_bias_raw"]), _pp(f["gain_bias_adjusted"]),
             _pp(f["gain_bias_raw_winners"]), _pp(f["gain_bias_adjusted_winners"]), _pct(f["verify_false_failures"]),
             f"{used[0]:.2f} ({used[1]:.2f}-{used[2]:.2f})", _pct(f["duplicate_fraction"]), f"{f['seconds']:.0f}",
         ]) + " |")
