@@ -175,7 +175,7 @@ def write_answer(exp: Experiment, space: Space) -> dict[str, Any]:
     for phase in (CONFIRM, ABLATE):
         measured = read_phase(exp, phase, space)
         if measured:
-            record_phase(exp.study_db, exp.name, phase, measured, space.experiment.mode)
+            record_phase(exp.study_db, exp.name, phase, measured, space.experiment.mode, space.experiment.metric)
     answer = build_answer(exp, space)
     publish_report(exp, answer)
     return answer

@@ -121,7 +121,13 @@ def test_audited_trials_run_to_the_end_and_are_marked(answered):
     # every rung is audited over the trials that reached the end; curves rise the same way
     # for every trial, so the rung ranking is the final ranking
     assert [t["rung"] for t in answer["rung_tau"]] == [1, 2]
-    assert all(t["n"] >= 2 and t["tau"] == pytest.approx(1.0) for t in answer["rung_tau"])
+    from search.answer.build import MIN_TAU_TRIALS
+
+    for t in answer["rung_tau"]:
+        if t["n"] >= MIN_TAU_TRIALS:
+            assert t["tau"] == pytest.approx(1.0)
+        else:  # 8 search trials: too few ranked at a rung and run to the end for a tau
+            assert t["tau"] is None and t["note"].startswith("too few trials")
 
 
 def test_the_winner_is_the_best_confirmed_config_with_exact_paired_differences(answered):
@@ -134,12 +140,14 @@ def test_the_winner_is_the_best_confirmed_config_with_exact_paired_differences(a
     ranked = sorted(expected, key=lambda k: -sum(expected[k]))
     best = ranked[0]
     assert answer["winner"]["label"] == best
-    # every difference is exact (the CIs have no width): a tie only between equal scores
+    # every paired difference is exact: a tie only between equal scores, and the interval of
+    # an exact difference is only as wide as the floor of one validation image's rounding
     tied = expected[ranked[1]] == pytest.approx(expected[best]) and ranked[1] != "baseline"
     assert answer["verdict"] == (TIE if tied else WINNER)
     gain = expected[best][0] - expected["baseline"][0]
     assert answer["vs_baseline"]["delta"] == pytest.approx(gain)
-    assert answer["vs_baseline"]["ci95"] == pytest.approx([gain, gain])
+    lo, hi = answer["vs_baseline"]["ci95"]
+    assert lo < gain < hi and hi - lo < 0.01
     equal = sum(1 for k in expected if expected[k] == pytest.approx(expected[best]))
     assert answer["p_best"][best] == pytest.approx(1.0 / equal)  # tied configs share every resample
     assert answer["budget"]["trial_epochs_confirm"] == EPOCHS * len(SEEDS) * (len(plan) + len(answer["ablation"]))
@@ -166,6 +174,8 @@ def test_phases_are_kept_in_the_study_file_and_the_report_is_written(answered):
     confirm = load_study(exp.study_db, f"{exp.name}.confirm")
     assert len(confirm.trials) == len(answer["confirm"])
     assert all(t.user_attrs["seeds"] == SEEDS for t in confirm.trials)
+    assert confirm.metric_names == ["mean val_acc over seeds"]  # optuna-dashboard's axis label
+    assert load_study(exp.study_db, exp.name).metric_names == ["val_acc"]
     report = Path(exp.path) / "report"
     assert json.loads((report / "report.json").read_text())["verdict"] == answer["verdict"]
     md = (report / "report.md").read_text()
@@ -182,7 +192,7 @@ def _measured(label: str, role: str, values: list[float], changed: dict | None =
 @pytest.fixture(scope="module")
 def small_space():
     return load_space(QUICKSTART, ["search.batch.global_batch=null", "search.augment.randaugment.enabled=null",
-                                   "search.augment.randaugment.magnitude=null"])
+                                   "search.augment.randaugment.magnitude=null", "experiment.confirm.top_k=2"])
 
 
 def test_decide_winner_tie_no_gain_and_unconfirmed(small_space):

@@ -262,7 +262,8 @@ def abandon_orphans(study: optuna.Study, known: Collection[str]) -> list[int]:
     return numbers
 
 
-def record_phase(db_path: str, name: str, phase: str, measured: list[Any], mode: str = "max") -> None:
+def record_phase(db_path: str, name: str, phase: str, measured: list[Any], mode: str = "max",
+                 metric: str | None = None) -> None:
     """Keep a phase's configs (`search.experiment.phases.Measured`) in the study file as their own
     study `<name>.<phase>`, one COMPLETE trial per config (its mean over seeds) with the
     per-seed values, apart from the search's study so the sampler never sees them."""
@@ -274,6 +275,8 @@ def record_phase(db_path: str, name: str, phase: str, measured: list[Any], mode:
         pass
     study = optuna.create_study(study_name=study_name, storage=storage,
                                 direction="maximize" if mode == "max" else "minimize")
+    if metric:
+        study.set_metric_names([f"mean {metric} over seeds"])
     for m in measured:
         if not m.values:
             continue
