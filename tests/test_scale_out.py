@@ -203,7 +203,8 @@ def test_search_resume_and_export_on_s3(s3, tmp_path):
     assert len(study.trials) == 2  # recovered from the bucket, each trial once
 
     out = tmp_path / "best.yaml"
-    exported = subprocess.run([PYTHON, "-m", "search.export", "--experiment", f"{uri}/ons3", "--out", str(out)],
+    exported = subprocess.run([PYTHON, "-m", "search.export", "--experiment", f"{uri}/ons3", "--out", str(out),
+                               "--allow-unconfirmed"],  # experiment.confirm=null: no final answer
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert exported.returncode == 0, exported.stderr
     assert "provenance" in out.read_text() and "s3://trick-bucket/exps/ons3" in out.read_text()
