@@ -345,6 +345,35 @@ def test_export_refuses_an_answer_that_is_not_final(state, verdict, why):
     assert not_final_reason(answer) == why
 
 
+def test_rung_tau_uses_only_trials_ranked_at_the_rung_weighted_for_the_audit():
+    from scipy.stats import kendalltau
+
+    from search.answer.build import MIN_TAU_TRIALS, _rung_audit
+    from search.answer.stats import weighted_tau
+
+    space = load_space(QUICKSTART, ["train.run.epochs=4", "experiment.scheduler.grace_period=1",
+                                    "experiment.scheduler.audit=0.25"])
+    assert space.rung_epochs() == [1, 2]
+
+    def row(i: int, rung1: float, rung2: float, final: float, audited_at: int | None = None) -> TrialRow:
+        return TrialRow(f"t{i}", {}, final, 4, "done", final, audited=audited_at is not None, audited_at=audited_at,
+                        curve=[(1, rung1), (2, rung2), (4, final)])
+
+    promoted = [row(i, 0.5 + 0.01 * i, 0.6 + 0.01 * i, 0.7 + 0.01 * ((i * 3) % 8)) for i in range(8)]
+    at1 = row(8, 0.40, 0.9, 0.99, audited_at=1)  # stopped at rung 1: never ranked at rung 2
+    at2 = row(9, 0.45, 0.55, 0.50, audited_at=2)
+    taus, _ = _rung_audit([*promoted, at1, at2], space)
+    r1, r2 = taus
+    assert r1["n"] == 10 and r2["n"] == 9  # the trial audited at rung 1 is left out at rung 2
+    rows2 = [*promoted, at2]
+    assert r2["tau"] == pytest.approx(weighted_tau([dict(r.curve)[2] for r in rows2], [r.final for r in rows2],
+                                                   [1.0] * 8 + [4.0]), abs=1e-12)
+    # an audited trial stands for 1/0.25 = 4 stopped ones: not scipy's unweighted tau
+    assert r2["tau"] != pytest.approx(kendalltau([dict(r.curve)[2] for r in rows2], [r.final for r in rows2]).statistic)
+    few, _ = _rung_audit(promoted[: MIN_TAU_TRIALS - 1], space)
+    assert all(t["tau"] is None and t["note"].startswith("too few trials (7 ranked") for t in few)
+
+
 def test_plans_dedupe_configs_and_ablate_a_trick_with_its_children(small_space):
     rows = [
         TrialRow("a", {"mix.mode": "cutmix", "mix.cutmix_alpha": 0.7, "label_smoothing": 0.1}, 0.9, EPOCHS, "done", 0.9),
