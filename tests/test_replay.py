@@ -69,6 +69,31 @@ def test_the_replay_gives_the_hand_computed_answer(tiny):
     assert 4 + 2 <= out["search_epochs"] <= 4 * 3
 
 
+def test_racing_confirmation_stops_after_its_first_round_when_the_tiny_table_decides(tiny):
+    """The real `SeedRounds` with racing: the tiny table's seed noise is shared by every config,
+    so every paired difference is exact and its spread is the verdict's floor: sqrt(2) x the
+    rounding spread of the table's step 0.002 (0.00082). After the first round (two seeds per
+    config) the 95% CI of a difference is +-12.71 x 0.00082 / sqrt(2) = +-0.0073, so a
+    candidate 2 or 3 pp below the best is dropped and the best's +5 pp over the baseline is
+    decided: the phase stops at 2 seeds per config, 2/3 of a fixed 3-seed confirmation."""
+    space = replay_space(tiny, ["experiment.confirm={top_k: 2, seeds: 3, racing: true}"])
+    base = config_key(space, space.base_values)
+    truth = tiny.truth(base)
+    out = replay_once(space, tiny, truth, np.random.default_rng(1))
+    assert out["verdict"] == "winner" and out["answer"] == truth["best"] and out["right"]
+    assert out["reported_gain"] == pytest.approx(0.05, abs=1e-9) and out["weak"]  # two seeds: a weak verdict
+    assert set(out["confirm_seeds_run"].values()) == {2} and len(out["confirm_seeds_run"]) == 3
+    assert out["confirm_epochs"] == 2 * len(out["confirm_seeds_run"]) * 3
+    assert out["confirm_vs_fixed3"] == pytest.approx(2 / 3)
+    # the same replay without racing: every config on all 3 seeds, through the same SeedRounds
+    fixed = replay_once(replay_space(tiny, ["experiment.confirm={top_k: 2, seeds: 3}"]), tiny, truth,
+                        np.random.default_rng(1))
+    assert set(fixed["confirm_seeds_run"].values()) == {3} and fixed["confirm_vs_fixed3"] == 1.0
+    assert fixed["confirm_seeds_run"].keys() == out["confirm_seeds_run"].keys() and not fixed["weak"]
+    # tau per rung (epochs 1 and 2): every seed ranks the configs as their true means do
+    assert set(out["tau"]) == {1, 2} and all(t == pytest.approx(1.0) for t in out["tau"].values() if t == t)
+
+
 def test_the_null_table_is_the_baselines_seeds_under_every_name(tiny):
     space = replay_space(tiny)
     base = config_key(space, space.base_values)

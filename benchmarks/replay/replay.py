@@ -152,6 +152,10 @@ class SearchRun:
     """(trial id, epoch, action) in the order the scheduler saw the results."""
     study: Any = None
     """The search's Optuna study (in memory)."""
+    reports: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """trial id -> its results, in order."""
+    keys: dict[str, str] = field(default_factory=dict)
+    """trial id -> the table's key of its config."""
 
 
 def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder: str,
@@ -241,7 +245,72 @@ def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder:
     results = [FakeResult(tid, trials[tid].config, reports[tid]) for tid in trials]
     rows = summarise(results, space, audited=read_audit(exp))
     refused = int(searcher._ot_study.user_attrs.get(DUPLICATES, 0))
-    return SearchRun(rows, epochs_used, duplicates, refused, order, searcher._ot_study)
+    return SearchRun(rows, epochs_used, duplicates, refused, order, searcher._ot_study, reports, keys)
+
+
+def rung_taus(space: Any, run: SearchRun, truth: dict[str, Any]) -> dict[int, float]:
+    """Per rung of the space's scheduler: Kendall's tau between the scores of the trials that
+    reported at that rung's epoch and their configs' true means (nan: fewer than 2 trials, or
+    no spread in either)."""
+    from scipy.stats import kendalltau
+
+    metric = space.experiment.metric
+    out = {}
+    for rung in space.experiment.scheduler.rungs(space.train.run.epochs):
+        pairs = [(r[metric], truth["means"][run.keys[tid]]) for tid, rs in run.reports.items()
+                 for r in rs if r["epoch"] == rung]
+        if len(pairs) < 2 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
+            out[rung] = math.nan
+            continue
+        out[rung] = float(kendalltau(*zip(*pairs)).statistic)
+    return out
+
+
+# The confirmation --------------------------------------------------------------------------------------
+def replay_confirm(space: Any, table: Table, plan: list[Any], seeds: list[int], folder: str) -> tuple[list[Any], int]:
+    """The confirmation phase on the table: the real `SeedRounds` searcher (rounds of seeds,
+    racing when the space says so) proposes (config, seed) trials, each completing with the
+    recorded run of that config at the table's seed `seeds[i]` for the space's i-th
+    confirmation seed, and the real `read_phase` reads what ran. Returns the measured configs
+    and the trial-epochs the phase trained."""
+    from dataclasses import asdict
+
+    from ray.tune.search import Searcher
+
+    from search.experiment.folder import Experiment
+    from search.experiment.phases import CONFIRM, phase_path, read_phase
+    from search.phases.confirm import SeedRounds
+    from trainable.status import RUN_STATUS
+
+    exp = Experiment.at(folder)
+    c, metric = space.experiment.confirm, space.experiment.metric
+    table_seed = dict(zip(space.confirm_seeds, seeds))
+    rounds = SeedRounds([asdict(e) for e in plan], space.confirm_seeds, metric, space.experiment.mode,
+                        space.train.run.epochs, racing=bool(c.racing), phase_dir=phase_path(exp, CONFIRM))
+    results, epochs, running = [], 0, []
+    while True:
+        tid = f"c{len(results) + len(running):05d}"
+        suggestion = rounds.suggest(tid)
+        if suggestion == Searcher.FINISHED:
+            break
+        if suggestion is not None:
+            running.append((tid, suggestion))
+            continue
+        if not running:  # nothing to wait for and nothing proposed: SeedRounds would hang a Tuner
+            raise RuntimeError("SeedRounds proposed nothing with no trial running")
+        tid, config = running.pop(0)  # every trial of a round completes before the next round
+        seed = config["seed"]
+        curve = table.curves[json.dumps(config["entry"]["values"], sort_keys=True)][table_seed[seed]]
+        reports = []
+        for i, (epoch, value, _, status) in enumerate(curve):
+            r = {metric: value, "epoch": epoch, "training_iteration": i + 1, "seed": seed, "trial_id": tid}
+            if status:
+                r[RUN_STATUS] = status
+            reports.append(r)
+        epochs += len(curve)
+        rounds.on_trial_complete(tid, result=reports[-1])
+        results.append(FakeResult(tid, config, reports))
+    return read_phase(exp, CONFIRM, space, results=results), epochs
 
 
 # One replay ------------------------------------------------------------------------------------------------
@@ -250,7 +319,6 @@ def replay_once(space: Any, table: Table, truth: dict[str, Any], rng: np.random.
     """One whole search on the table: search, confirmation, verdict, ablation plan, verify."""
     from benchmarks.replay.record import config_key
     from search.answer.decide import NO_GAIN, UNCONFIRMED, decide, spread_floor, value_bounds
-    from search.experiment.phases import Measured
     from search.export import verify_rule
     from search.phases.confirm import ablation_plan, confirm_plan
 
@@ -266,25 +334,18 @@ def replay_once(space: Any, table: Table, truth: dict[str, Any], rng: np.random.
         run = replay_search(space, table, search_seed, concurrency, folder, constant_liar)
     plan = confirm_plan(run.rows, space)
 
-    def measure(entry: Any) -> Measured:
-        key = json.dumps(entry.values, sort_keys=True)
-        m = Measured(entry, entry.label)
-        for s in confirm_seeds:
-            v = table.final(key, s)
-            if math.isfinite(v):
-                m.seeds.append(s)
-                m.values.append(v)
-            else:
-                m.diverged.append(s)
-        return m
-
-    measured = [measure(e) for e in plan]
-    confirm_epochs = len(plan) * c.seeds * space.train.run.epochs
+    with tempfile.TemporaryDirectory(prefix="replay-confirm-", dir=scratch) as folder:
+        measured, confirm_epochs = replay_confirm(space, table, plan, confirm_seeds, folder)
+    fixed3_epochs = len(plan) * 3 * space.train.run.epochs
     d = decide(measured, space)
     ablation_epochs = 0
     if d is not None and d.verdict != UNCONFIRMED and space.experiment.ablate:
         ablation_epochs = len(ablation_plan(d.winner.entry, space)) * c.seeds * space.train.run.epochs
     out: dict[str, Any] = {"search_epochs": run.trial_epochs, "confirm_epochs": confirm_epochs,
+                           "confirm_vs_fixed3": confirm_epochs / fixed3_epochs,
+                           "confirm_seeds_run": {m.entry.label: len(m.seeds) + len(m.diverged) + len(m.failed)
+                                                 for m in measured},
+                           "tau": rung_taus(space, run, truth),
                            "ablation_epochs": ablation_epochs, "duplicates": run.duplicates,
                            "refused": run.proposals_refused, "trials": space.experiment.num_samples}
     if d is None:
@@ -322,6 +383,14 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "concurrency 16, constant liar": {"concurrency": 16, "constant_liar": True},
     "concurrency 32, constant liar": {"concurrency": 32, "constant_liar": True},
     "confirm on 5 seeds": {"overrides": ["experiment.confirm={top_k: 2, seeds: 5}"]},
+    # sequential confirmation (`SeedRounds` with racing): two seeds for every config, then one
+    # more per round for the configs still in the race, up to the cap
+    # (the quickstart confirms its best config and the baseline: top_k 1; "confirm on 5 seeds"
+    # also moves top_k to 2, so it has its racing twin, and "5 seeds, top 1" is racing cap 5's)
+    "confirm on 5 seeds, top 1": {"overrides": ["experiment.confirm.seeds=5"]},
+    "racing, cap 3": {"overrides": ["experiment.confirm.racing=true"]},
+    "racing, cap 5": {"overrides": ["experiment.confirm.racing=true", "experiment.confirm.seeds=5"]},
+    "racing, cap 5, top 2": {"overrides": ["experiment.confirm={top_k: 2, seeds: 5, racing: true}"]},
 }
 
 
@@ -387,6 +456,10 @@ def run_setting(table: Table, setting: dict[str, Any], n: int, null: bool = Fals
         "duplicate_fraction": mean_ci([o["duplicates"] / o["trials"] for o in outs]),
         "refused_proposals_per_search": mean_ci([float(o["refused"]) for o in outs]),
         "brute_force_trial_epochs": brute,
+        "confirm_vs_fixed3": mean_ci([o["confirm_vs_fixed3"] for o in outs]),
+        "tau_rungs": {str(r): [*mean_ci([t for o in outs if (t := o["tau"].get(r)) is not None and t == t]),
+                               sum(1 for o in outs if (t := o["tau"].get(r)) is not None and t == t)]
+                      for r in base_space.experiment.scheduler.rungs(base_space.train.run.epochs)},
     }
 
 
@@ -402,11 +475,25 @@ def _pp(x: list[float]) -> str:
     return f"{100 * v:+.2f} pp" + ("" if lo != lo else f" ({100 * lo:+.2f} to {100 * hi:+.2f})")
 
 
+def _ratio(x: list[float] | None) -> str:
+    if not x or x[0] != x[0]:
+        return "-"
+    return f"{x[0]:.2f}" + ("" if x[1] != x[1] else f" ({x[1]:.2f}-{x[2]:.2f})")
+
+
+def _taus(taus: dict[str, list[float]] | None) -> str:
+    """Rung epoch: mean tau (95% CI) over the replays where it is defined."""
+    if not taus:
+        return "-"
+    return "; ".join(f"{r}: " + ("-" if v != v else f"{v:+.2f}" + ("" if lo != lo else f" ({lo:+.2f} to {hi:+.2f})"))
+                     for r, (v, lo, hi, _) in taus.items())
+
+
 def markdown(lines: list[dict[str, Any]]) -> str:
     """The figures of `main --out` as a Markdown table (95% CIs in brackets)."""
     head = ["table", "setting", "n", "P(right)", "P(verdict not 'no gain')", "gain bias raw (all)",
             "gain bias adjusted (all)", "gain bias raw (winners)", "gain bias adjusted (winners)", "--verify false failures", "trial-epochs / brute force",
-            "duplicate trials", "s"]
+            "duplicate trials", "confirmation trial-epochs / fixed 3 seeds", "tau per rung vs truth", "s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in lines:
         used = f["trial_epochs_vs_brute_force"]
@@ -414,7 +501,8 @@ def markdown(lines: list[dict[str, Any]]) -> str:
             f["table"], f["setting"], str(f["n"]), _pct(f["p_right"]), _pct(f["p_false_winner"]),
             _pp(f["gain_bias_raw"]), _pp(f["gain_bias_adjusted"]),
             _pp(f["gain_bias_raw_winners"]), _pp(f["gain_bias_adjusted_winners"]), _pct(f["verify_false_failures"]),
-            f"{used[0]:.2f} ({used[1]:.2f}-{used[2]:.2f})", _pct(f["duplicate_fraction"]), f"{f['seconds']:.0f}",
+            f"{used[0]:.2f} ({used[1]:.2f}-{used[2]:.2f})", _pct(f["duplicate_fraction"]),
+            _ratio(f.get("confirm_vs_fixed3")), _taus(f.get("tau_rungs")), f"{f['seconds']:.0f}",
         ]) + " |")
     return "\n".join(rows)
 
