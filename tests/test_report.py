@@ -67,6 +67,9 @@ def answer() -> dict[str, Any]:
     c1 = _config("candidate 1", "candidate", {"mix.mode": "cutmix", "label_smoothing": 0.1}, [0.96, 0.958, 0.968])
     c2 = _config("candidate 2", "candidate", {"mix.mode": "mixup", "mix.mixup_alpha": 0.3}, [0.955, 0.95, 0.96])
     base = _config("baseline", "baseline", {}, [0.95, 0.945, 0.955])
+    base["vs_baseline"] = None
+    c1["vs_baseline"] = {"delta": 0.012, "ci95": [0.0077, 0.0163], "std": 0.0017, "n": 3}
+    c2["vs_baseline"] = {"delta": 0.005, "ci95": [0.004, 0.006], "std": 0.0004, "n": 3}
     confirm_runs = [{"trial_id": f"c{i}{s}", "phase": "confirm", "label": c["label"], "values": c["config"],
                      "active": c["active"],
                      "status": "done", "audited": False, "score": v, "best": v, "epochs": 4, "seed": s,
@@ -132,11 +135,12 @@ def test_a_winner_report_holds_every_section_and_plot(tmp_path):
     assert "Budget: search trials up to 4 epochs (31 trial-epochs), confirmation runs 4 epochs (84 trial-epochs)" in md
     assert ("**Verdict: winner.** It beats the runner-up (candidate 2) by +0.7 ± 0.5 pp "
             "and the baseline by +1.2 ± 0.8 pp") in md
-    # the confirmation table: label, what changed (the keys it uses), mean ± CI, std, per seed, P(best)
-    assert ("| candidate 1 | mix.mode=cutmix, label_smoothing=0.1 | 96.20% ± 1.00 pp | 0.53 pp "
+    # the confirmation table: label, what changed (the keys it uses), mean ± CI, paired Δ to the baseline ± CI,
+    # std, per seed, P(best)
+    assert ("| candidate 1 | mix.mode=cutmix, label_smoothing=0.1 | 96.20% ± 1.00 pp | +1.2 ± 0.4 pp | 0.53 pp "
             "| 96.00%, 95.80%, 96.80% | 0.71 |") in md
-    assert "| candidate 2 | mix.mode=mixup, mix.mixup_alpha=0.3 |" in md
-    assert "| baseline | (the baseline) | 95.00% ± 1.00 pp |" in md
+    assert "| candidate 2 | mix.mode=mixup, mix.mixup_alpha=0.3 | 95.50% ± 1.00 pp | +0.5 ± 0.1 pp |" in md
+    assert "| baseline | (the baseline) | 95.00% ± 1.00 pp | (the baseline) |" in md
     # the ablation in the Bag-of-Tricks style; an interval across 0 is said to be one
     # reset to: the keys the ablated config uses (cutmix_alpha is unused once mixing is off)
     assert "| mix.mode: +0.8 ± 0.3 pp | mix.mode=none | +0.6, +0.9, +0.9 |" in md
@@ -279,26 +283,76 @@ def test_the_text_reads_without_a_manual(tmp_path, verdict):
             "each rung") in md
 
 
-def test_the_confirmation_figure_is_the_paired_difference_of_the_verdict():
-    """Its numbers are `paired_gain`'s, the verdict's: the same floor and bounds."""
-    from search.answer.decide import paired_gain
+def _confirmed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, measured: list[Any]) -> dict[str, Any]:
+    """The answer `build_answer` gives for a confirmation that recorded `measured` (no search
+    trials, no ablation): the real answer, without running anything."""
+    import search.answer.build as build
+    from search.experiment.folder import Experiment
+    from search.experiment.phases import CONFIRM
+    from spaces import QUICKSTART, load_space
+
+    space = load_space(QUICKSTART, ["search.batch.global_batch=null", "experiment.ablate=false"])
+    monkeypatch.setattr(build, "read_phase", lambda exp, phase, space: measured if phase == CONFIRM else [])
+    return build.build_answer(Experiment.at(str(tmp_path / "exp")), space, results=[])
+
+
+def _m(label: str, role: str, values: list[float], changed: dict[str, Any] | None = None, **kw: Any) -> Any:
     from search.experiment.phases import Entry, Measured
 
-    a = answer()
-    rows = {r["label"]: r for r in report_plots.paired_to_baseline(a)}
-    assert set(rows) == {"candidate 1", "candidate 2"}
-    base = a["baseline"]
-    for c in a["confirm"][:2]:
-        m = Measured(Entry(c["label"], c["role"], c["config"]), "t", seeds=c["seeds"], values=c["values"])
-        b = Measured(Entry("baseline", "baseline", base["config"]), "b", seeds=base["seeds"], values=base["values"])
-        floor = 0.001  # the values move in steps of 1/1000
-        want = paired_gain(m, b, 1.0, floor)
-        got = rows[c["label"]]
-        assert got["delta"] == pytest.approx(want["delta"]) and got["ci95"] == pytest.approx(want["ci95"])
-        assert got["diffs"] == pytest.approx([x - y for x, y in zip(c["values"], base["values"])])
-    a.update(mode="min", metric="val_loss")  # lower is better: a gain is the baseline minus the config
-    assert report_plots.paired_to_baseline(a)[0]["diffs"] == pytest.approx(
-        [y - x for x, y in zip(a["confirm"][0]["values"], base["values"])])
+    seeds = kw.pop("seeds", [1001, 1002, 1003][: len(values)])
+    return Measured(Entry(label, role, {**BASE, **(changed or {})}), label, seeds=seeds, values=values, **kw)
+
+
+def test_the_table_the_figure_and_the_verdict_show_one_paired_difference(tmp_path, monkeypatch):
+    """Each config's paired difference to the baseline is computed once (`paired_gain`, in
+    `build._summary`, with the verdict's floor) and the table, the figure and the verdict show it.
+    The values move in steps of 1/200, so the floor binds (candidate 1 gains +3 pp on every seed);
+    the unstable config's values move in steps of 1/2000 and would lower that floor were it counted."""
+    from search.answer.decide import paired_gain
+
+    base = _m("baseline", "baseline", [0.950, 0.960, 0.970])
+    c1 = _m("candidate 1", "candidate", [0.980, 0.990, 1.000], {"mix.mode": "cutmix", "label_smoothing": 0.1})
+    c2 = _m("candidate 2", "candidate", [0.955, 0.970, 0.975], {"label_smoothing": 0.1})
+    c3 = _m("candidate 3", "candidate", [0.9515, 0.9625], {"mix.mode": "mixup"}, seeds=[1001, 1003], diverged=[1002])
+    a = _confirmed(tmp_path, monkeypatch, [c1, c2, c3, base])
+    assert a["verdict"] == "winner" and a["winner"]["label"] == "candidate 1"
+    rows = {c["label"]: c for c in a["confirm"]}
+    # the verdict's gain over the baseline is the winner's row
+    verdict = a["vs_baseline"]
+    assert rows["candidate 1"]["vs_baseline"]["delta"] == pytest.approx(verdict["delta"], abs=1e-12)
+    assert rows["candidate 1"]["vs_baseline"]["ci95"] == pytest.approx(verdict["ci95"], abs=1e-12)
+    # the floor is the verdict's, over the stable configs (steps of 1/200): sqrt(2) * (1/200) / sqrt(12)
+    half = 4.302652729911275 * 0.005 / 6 ** 0.5 / 3 ** 0.5
+    assert verdict["ci95"] == pytest.approx([0.03 - half, 0.03 + half], abs=1e-9)
+    assert rows["candidate 2"]["vs_baseline"]["delta"] == pytest.approx(paired_gain(c2, base, 1.0)["delta"])
+    assert rows["candidate 3"]["vs_baseline"] is None and rows["candidate 3"]["unstable_seeds"] == [1002]
+    assert rows["baseline"]["vs_baseline"] is None
+    # the figure reads the same numbers; without the field (an older report.json) it computes them alike
+    figure = {r["label"]: r for r in report_plots.paired_to_baseline(a)}
+    assert set(figure) == {"candidate 1", "candidate 2", "candidate 3"}
+    for label in ("candidate 1", "candidate 2"):
+        assert figure[label]["delta"] == rows[label]["vs_baseline"]["delta"]
+        assert figure[label]["ci95"] == rows[label]["vs_baseline"]["ci95"]
+    assert figure["candidate 1"]["diffs"] == pytest.approx([0.03, 0.03, 0.03])
+    assert figure["candidate 3"]["delta"] is None and figure["candidate 3"]["seeds"] == [1001, 1003]
+    older = json.loads(json.dumps(a))
+    for c in older["confirm"]:
+        del c["vs_baseline"]
+    for r in report_plots.paired_to_baseline(older):
+        want = figure[r["label"]]
+        assert r["delta"] == pytest.approx(want["delta"], abs=1e-12) if want["delta"] is not None else r["delta"] is None
+        if want["ci95"] is not None:
+            assert r["ci95"] == pytest.approx(want["ci95"], abs=1e-12)
+    # the table and the verdict line print it alike
+    md = render_markdown(a)
+    shown = fmt_delta(verdict["delta"], verdict["ci95"], "val_acc")
+    assert shown == "+3.0 ± 0.5 pp"
+    assert re.search(rf"^\| candidate 1 \| [^|]+ \| [^|]+ \| {re.escape(shown)} \|", md, re.M)
+    assert f"the raw paired mean over the same seeds is {shown} (95% CI)" in md
+    c2_shown = fmt_delta(rows["candidate 2"]["vs_baseline"]["delta"], rows["candidate 2"]["vs_baseline"]["ci95"], "val_acc")
+    assert re.search(rf"^\| candidate 2 \| [^|]+ \| [^|]+ \| {re.escape(c2_shown)} \|", md, re.M)
+    assert re.search(r"^\| candidate 3, unstable \(seed 1002\) \| [^|]+ \| [^|]+ \| none: unstable \(seed 1002\) \|",
+                     md, re.M)
 
 
 def test_a_loss_metric_prints_raw_deltas():

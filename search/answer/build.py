@@ -28,9 +28,17 @@ MIN_IMPORTANCE_TRIALS = 10
 """Search trials that ran all their epochs below which importance is "too few trials"."""
 
 
-def _summary(m: Measured, space: Space, floor: float = 0.0) -> dict[str, Any]:
+def _summary(m: Measured, space: Space, floor: float = 0.0, baseline: Measured | None = None,
+             gain_floor: float = 0.0) -> dict[str, Any]:
+    """One confirmed config: its mean and CI over seeds (spread floored at `floor`), and
+    `vs_baseline`, its paired difference to `baseline` (the verdict's stable baseline) with the
+    95% CI, computed as the verdict computes it (`paired_gain` with the verdict's `gain_floor`);
+    None for the baseline itself, an unstable or unfinished config, or without a stable baseline."""
     s = summarise_values(m.values, floor=floor, bounds=value_bounds(space)) if m.values else None
     finite = s is not None and s.n > 1
+    stable = m.status == "done" and not unstable_seeds(m)
+    gain = (paired_gain(m, baseline, direction(space), gain_floor)
+            if baseline is not None and m is not baseline and stable else None)
     return {
         "label": m.entry.label,
         "role": m.entry.role,
@@ -47,6 +55,7 @@ def _summary(m: Measured, space: Space, floor: float = 0.0) -> dict[str, Any]:
         "status": m.status,
         "error": m.error,
         "unstable_seeds": unstable_seeds(m),
+        "vs_baseline": gain,
     }
 
 
@@ -176,7 +185,10 @@ def build_answer(exp: Experiment, space: Space | None = None, results: Any = Non
     confirm_epochs = sum(len(curve) for m in (*confirm, *ablate) for curve in m.curves.values())
     verdict = decision.verdict if decision is not None else UNCONFIRMED
     floor = spread_floor(confirm, space)
-    summaries = {m.entry.label: _summary(m, space, floor) for m in confirm}
+    stable = [m for m in confirm if m.status == "done" and m.values and not unstable_seeds(m)]
+    gain_floor = spread_floor(stable, space)  # the verdict's floor: over the configs it compares
+    summaries = {m.entry.label: _summary(m, space, floor, decision.baseline if decision else None, gain_floor)
+                 for m in confirm}
     return {
         "experiment": exp.path,
         "metric": space.experiment.metric,

@@ -128,19 +128,31 @@ def curves_caption(answer: dict[str, Any]) -> str:
 
 def paired_to_baseline(answer: dict[str, Any]) -> list[dict[str, Any]]:
     """Each confirmed config against the baseline on their shared seeds: per seed the
-    difference (signed: positive is better than the baseline) and its mean with the 95% CI,
-    computed as the verdict's (`search.answer.decide.paired_gain`: an accuracy's spread
-    floored at one validation image, the interval inside [-1, 1]); [] without a baseline."""
-    from search.answer.stats import accuracy_step, paired_difference
+    difference (signed: positive is better than the baseline) and its mean with the 95% CI.
+    The mean and CI are the config's `vs_baseline` in the answer (`search.answer.build`: the
+    verdict's `search.answer.decide.paired_gain`, which the report's table shows too); an
+    answer without that field (an older report.json) gets them from `paired_gain` here, with
+    the verdict's floor (over the configs without an unstable seed). [] without a baseline."""
+    from search.answer.decide import paired_gain
+    from search.answer.stats import rounding_floor
+    from search.experiment.phases import Entry, Measured
 
     rows = [c for c in answer.get("confirm") or [] if c.get("values")]
     base = next((c for c in rows if c.get("role") == "baseline"), None)
     if base is None:
         return []
     sign = -1.0 if answer.get("mode") == "min" else 1.0
-    metric = str(answer.get("metric") or "")
-    floor = (accuracy_step([v for c in rows for v in c["values"]]) or 0.0) if metric.startswith("val_acc") else 0.0
-    bounds = (-1.0, 1.0) if floor > 0 else (-math.inf, math.inf)
+
+    def stable(c: dict[str, Any]) -> bool:
+        return c.get("status", "done") == "done" and not c.get("unstable_seeds")
+
+    floor = (rounding_floor([v for c in rows if stable(c) for v in c["values"]])
+             if str(answer.get("metric") or "").startswith("val_acc") else 0.0)
+
+    def measured(c: dict[str, Any]) -> Measured:
+        return Measured(Entry(str(c.get("label")), str(c.get("role")), c.get("config") or {}), "",
+                        seeds=list(c.get("seeds") or []), values=list(c["values"]))
+
     by_seed = dict(zip(base.get("seeds") or [], base["values"]))
     out = []
     for c in rows:
@@ -148,10 +160,10 @@ def paired_to_baseline(answer: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         seeds = [s for s in c.get("seeds") or [] if s in by_seed]
         own = dict(zip(c.get("seeds") or [], c["values"]))
-        diffs = [sign * (own[s] - by_seed[s]) for s in seeds]
-        d = paired_difference(diffs, [0.0] * len(diffs), floor=floor, bounds=bounds) if len(diffs) >= 2 else None
-        out.append({"label": c.get("label"), "seeds": seeds, "diffs": diffs,
-                    "delta": d.mean if d else None, "ci95": list(d.ci95) if d else None})
+        d = (c["vs_baseline"] if "vs_baseline" in c else
+             paired_gain(measured(c), measured(base), sign, floor) if stable(c) and stable(base) else None)
+        out.append({"label": c.get("label"), "seeds": seeds, "diffs": [sign * (own[s] - by_seed[s]) for s in seeds],
+                    "delta": d["delta"] if d else None, "ci95": list(d["ci95"]) if d else None})
     return out
 
 
@@ -170,13 +182,16 @@ def plot_confirm(answer: dict[str, Any], path: Path) -> bool:
         ys = [r["diffs"][r["seeds"].index(seed)] * scale for r in rows if seed in r["seeds"]]
         ax.plot(xs, ys, color=plt.get_cmap("tab10")(i % 10), marker="o", markersize=4, linewidth=0.8, alpha=0.7,
                 label=f"seed {seed}")
+    labelled = False
     for x, r in enumerate(rows):
-        if not _ok(r["delta"]):
+        ci = r["ci95"] or [None, None]
+        if not (_ok(r["delta"]) and _ok(ci[0]) and _ok(ci[1])):
             continue
-        d, ci = r["delta"] * scale, r["ci95"]
+        d = r["delta"] * scale
         err = [[d - ci[0] * scale], [ci[1] * scale - d]]
         ax.errorbar(x, d, yerr=err, fmt="s", color="black", capsize=5, markersize=7,
-                    label="mean, 95% CI" if x == 0 else None)
+                    label=None if labelled else "mean, 95% CI")
+        labelled = True
     ax.axhline(0.0, color="tab:red", linewidth=1.0, label="the baseline")
     ax.set_xticks(range(len(rows)), [str(r["label"]) for r in rows], rotation=15, ha="right")
     ax.set_xlim(-0.5, len(rows) - 0.5 + 0.06 * len(seeds) + 0.2)
@@ -218,7 +233,7 @@ def plot_rungs(answer: dict[str, Any], path: Path) -> bool:
     scale, label = _scale(answer)
     fig, ax = plt.subplots(figsize=(5, 4.2))
     for i, (e, pts) in enumerate(series):
-        tau = f"{e['tau']:.2f}" if _ok(e.get("tau")) else "n/a"
+        tau = f"{e['tau']:.2f}" if _ok(e.get("tau")) else ("too few trials" if e.get("note") else "n/a")
         ax.scatter([a * scale for a, _ in pts], [b * scale for _, b in pts], color=plt.get_cmap("tab10")(i % 10),
                    label=f"rung {e.get('rung')}: τ = {tau} (n = {e.get('n', len(pts))})", alpha=0.8)
     ax.set(xlabel=f"score at the rung, {label}", ylabel=f"final score, {label}",

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from search.answer.stats import MIN_SEEDS_STRONG
 from trainable.config import ConfigError
 from trainable.config_io import write_atomic
 
@@ -103,6 +104,41 @@ def _no_difference(other: dict[str, Any] | None, ref: dict[str, Any] | None) -> 
     return f"no paired difference: {other.get('label')} ran on other seeds than the reference"
 
 
+def _seeds(seeds: list[Any]) -> str:
+    return f"seed{'s' if len(seeds) != 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def _unstable(a: dict[str, Any]) -> list[tuple[str, list[Any]]]:
+    """(label, seeds) of each confirmed config with a diverged or failed seed."""
+    return [(str(c.get("label")), list(c["unstable_seeds"])) for c in a.get("confirm") or [] if c.get("unstable_seeds")]
+
+
+def _over_baseline(vb: dict[str, Any] | None, metric: str) -> str | None:
+    """The winner's gain over the baseline: the selection-adjusted figure first, then the raw
+    paired mean with its CI; None without one."""
+    if not vb or not _finite(vb.get("delta")):
+        return None
+    raw = fmt_delta(vb["delta"], vb.get("ci95"), metric)
+    if not _finite(vb.get("adjusted")):
+        return f"Over the baseline it gains {raw} (paired mean over the same seeds, 95% CI)."
+    adjusted = fmt_delta(vb["adjusted"], None, metric).replace(" (no CI)", "")
+    return (f"Over the baseline it gains {adjusted}, adjusted for having been selected (a gain reported because "
+            "its interval cleared 0 is biased upwards, so it is shrunk towards what such a selection leaves); "
+            f"the raw paired mean over the same seeds is {raw} (95% CI).")
+
+
+def _unconfirmed(a: dict[str, Any], w: dict[str, Any]) -> str:
+    reason = a.get("verdict_reason")
+    if w.get("role") not in ("candidate", "baseline") or not a.get("confirm"):
+        why = f" ({reason})" if reason else ""
+        return (f"**Verdict: unconfirmed.** This answer rests on one seed of the search and is not confirmed{why}; "
+                "it is no evidence that this config beats any other.")
+    if reason == "one seed":
+        reason = "the confirmation ran one seed, and nothing is claimed from one seed"
+    return (f"**Verdict: unconfirmed**: {reason or 'no reason recorded'}. {w.get('label')} is only the best "
+            "confirmed config so far; this is no evidence that it beats the baseline.")
+
+
 def _answer(a: dict[str, Any]) -> list[str]:
     metric, verdict, w = a.get("metric", "metric"), a.get("verdict"), a.get("winner")
     out = [a.get("message") or "(no answer yet)"]
@@ -114,13 +150,16 @@ def _answer(a: dict[str, Any]) -> list[str]:
     over = f"{len(seeds)} seeds ({', '.join(map(str, seeds))})" if len(seeds) != 1 else f"one seed ({seeds[0]})"
     out.append(f"**Winner: {w.get('label')}**: {metric} {_mean_ci(w, metric)} over {over}; "
                f"changed from the baseline: {changed}.")
+    if (a.get("state") or "searching") != "finished":
+        out.append(f"Not final: the experiment is {a.get('state') or 'searching'}, so this answer may still change.")
     ru, vr, vb, base = a.get("runner_up"), a.get("vs_runner_up"), a.get("vs_baseline"), a.get("baseline")
     ru_label = (ru or {}).get("label") or "the runner-up"
     if verdict == "tie":
         to_ru = (f"paired difference {fmt_delta(vr['delta'], vr.get('ci95'), metric)}, 95% CI contains 0"
                  if vr and _finite(vr.get("delta")) else _no_difference(ru, w))
         out.append(f"**Verdict: tie.** {ru_label}, the best by mean, is statistically tied with "
-                   f"the winner ({to_ru}), so the simpler config (fewer tricks changed from the baseline) was preferred.")
+                   f"the winner ({to_ru}), so the simpler config (fewer tricks changed from the baseline) was preferred."
+                   + (f" {gain}" if (gain := _over_baseline(vb, metric)) else ""))
     elif verdict == "no gain over baseline":
         if vr and _finite(vr.get("delta")):  # winner (the baseline) minus the best other config: turned round
             lo, hi = (vr.get("ci95") or [None, None])[:2]
@@ -132,18 +171,29 @@ def _answer(a: dict[str, Any]) -> list[str]:
             best = _no_difference(ru, base)
         out.append(f"**Verdict: no gain over the baseline.** No trick combination beat the baseline on this data: {best}.")
     elif verdict == "unconfirmed":
-        out.append("**Verdict: unconfirmed.** This answer rests on one seed of the search and is not confirmed; "
-                   "it is no evidence that this config beats any other.")
+        out.append(_unconfirmed(a, w))
     elif verdict == "winner":
+        adjusted = vb is not None and _finite(vb.get("adjusted"))
         parts = [f"the {name}{f' ({lbl})' if lbl else ''} by {fmt_delta(d.get('delta'), d.get('ci95'), metric)}"
-                 for name, lbl, d in (("runner-up", (ru or {}).get("label"), vr), ("baseline", None, vb)) if d]
-        out.append("**Verdict: winner.** It beats " + " and ".join(parts) + " (paired over the same seeds, 95% CI)."
-                   if parts else "**Verdict: winner.**")
-    if base and verdict != "unconfirmed":
+                 for name, lbl, d in (("runner-up", (ru or {}).get("label"), vr),
+                                      ("baseline", None, None if adjusted else vb)) if d]
+        out.append(" ".join(["**Verdict: winner.**",
+                             *(["It beats " + " and ".join(parts) + " (paired over the same seeds, 95% CI)."]
+                               if parts else []),
+                             *([_over_baseline(vb, metric) or ""] if adjusted else [])]))
+    if a.get("weak") and verdict != "unconfirmed":
+        n = len(w.get("seeds") or [])
+        out.append(f"**Weak verdict:** it rests on only {n} seeds (a firm one needs at least {MIN_SEEDS_STRONG}; "
+                   f"with {n}, a 95% interval is wide); set experiment.confirm.seeds >= {MIN_SEEDS_STRONG}.")
+    for label, seeds in _unstable(a):
+        out.append(f"**Unstable:** {label} is unstable ({_seeds(seeds)} diverged or failed), so it is never "
+                   "the answer.")
+    if base and (verdict != "unconfirmed" or _finite(base.get("mean"))):
         out.append(f"Baseline: {metric} {_mean_ci(base, metric)}." if _finite(base.get("mean")) else
                    f"Baseline: no score ({base.get('status') or 'no seed finished'}).")
     if (a.get("failed") or {}).get("line"):
         out.append(f"**Failed trials:** {a['failed']['line']}")
+    out += [f"Note: {str(n).rstrip('.')}." for n in a.get("notes") or []]
     b = a.get("budget") or {}
     if b:
         confirm = (f", confirmation runs {b['epochs_confirm']} epochs ({b.get('trial_epochs_confirm', '?')} "
@@ -163,17 +213,45 @@ def _confirm(a: dict[str, Any]) -> list[str]:
         return _cell(c.get("label")) + (" (baseline)" if tag else "")
 
     base = next((c for c in rows if c.get("role") == "baseline"), None)
-    body = [[name(c), _cell(_changed_values(c, base)), _mean_ci(c, metric),
+    body = [[name(c) + (f", unstable ({_seeds(c['unstable_seeds'])})" if c.get("unstable_seeds") else ""),
+             _cell(_changed_values(c, base)), _mean_ci(c, metric), _vs_baseline(c, base, metric),
              f"{100 * c['std']:.2f} pp" if _is_acc(metric) and _finite(c.get("std")) else
              ("n/a (one seed)" if len(c.get("values") or []) <= 1 else _cell(c.get("std"))),
-             ", ".join(fmt_value(v, metric) for v in c.get("values") or []),
-             f"{pb[c['label']]:.2f}" if _finite(pb.get(c.get("label"))) else "n/a"] for c in rows]
-    head = ["config", "changed from the baseline", f"{metric} mean ± 95% CI", "std", "per seed", "P(best)"]
+             ", ".join(fmt_value(v, metric) for v in c.get("values") or [])
+             + (f"; {_seeds(c['unstable_seeds'])} diverged or failed" if c.get("unstable_seeds") else ""),
+             f"{pb[c['label']]:.2f}" if _finite(pb.get(c.get("label"))) else
+             ("n/a (unstable)" if c.get("unstable_seeds") else "n/a")] for c in rows]
+    head = ["config", "changed from the baseline", f"{metric} mean ± 95% CI", "paired Δ to the baseline ± 95% CI",
+            "std", "per seed", "P(best)"]
     seeds = ", ".join(map(str, rows[0].get("seeds") or []))
     why_pb = "" if pb else " P(best) needs at least two seeds per config."
-    return [f"Each config trained on the same seeds ({seeds}) at the full budget; the figure shows each "
-            "config's paired difference to the baseline, the comparison the verdict rests on." + why_pb, "",
+    return [f"Each config trained on the same seeds ({seeds}) at the full budget. The paired Δ is the config "
+            "minus the baseline seed by seed (positive: better), the comparison the verdict rests on and the "
+            "figure shows; a config with a diverged or failed seed is unstable and never the answer." + why_pb, "",
             *_table(head, body), ""]
+
+
+def _vs_baseline(c: dict[str, Any], base: dict[str, Any] | None, metric: str) -> str:
+    """A config's paired difference to the baseline with its 95% CI (`vs_baseline`, the
+    verdict's computation), or why there is none."""
+    d = c.get("vs_baseline")
+    if c.get("role") == "baseline":
+        return "(the baseline)"
+    if d and _finite(d.get("delta")):
+        return fmt_delta(d["delta"], d.get("ci95"), metric)
+    if c.get("unstable_seeds"):
+        return f"none: unstable ({_seeds(c['unstable_seeds'])})"
+    if "vs_baseline" not in c:
+        return "not in this answer (built before the paired Δ was recorded)"
+    if base is None:
+        return "none: the confirmation has no baseline"
+    if base.get("unstable_seeds") or base.get("status", "done") != "done" or not base.get("values"):
+        return "none: the baseline has no stable result on every seed"
+    if c.get("status", "done") != "done":
+        return f"none: {c.get('status')}"
+    if len(c.get("values") or []) < 2:
+        return "none: one seed"
+    return "none: ran on other seeds than the baseline"
 
 
 def _changed_values(c: dict[str, Any], base: dict[str, Any] | None) -> str:
@@ -189,6 +267,8 @@ def _changed_values(c: dict[str, Any], base: dict[str, Any] | None) -> str:
 
 def _ablation(a: dict[str, Any]) -> list[str]:
     metric, rows, w = a.get("metric", "metric"), a.get("ablation") or [], a.get("winner") or {}
+    if a.get("ablation_note"):  # a stale ablation, planned for another config: its deltas say nothing here
+        return [f"Ablation: {str(a['ablation_note']).rstrip('.')}.", ""]
     if not rows:
         if w and not w.get("changed") and a.get("state") == "finished":
             return ["Ablation: nothing to take out (the winner changes no trick from the baseline).", ""]
@@ -231,8 +311,8 @@ def _rungs(a: dict[str, Any]) -> list[str]:
     out = [("Kendall τ between each rung's score and the final score of the trials that ran to the end "
             "(1: early stopping ranks as the end would)."), "",
            *_table(["rung (epoch)", "τ", "n"],
-                   [[_cell(t.get("rung")), f"{t['tau']:.2f}" if _finite(t.get("tau")) else "n/a", _cell(t.get("n"))]
-                    for t in taus]), ""]
+                   [[_cell(t.get("rung")), f"{t['tau']:.2f}" if _finite(t.get("tau")) else
+                     _cell(t.get("note") or "not computed"), _cell(t.get("n"))] for t in taus]), ""]
     if late:
         out += ["Late bloomers (audited trials ASHA would have stopped):", ""]
         out += [f"- trial {b.get('trial_id')}: rung {b.get('rung')} score {fmt_value(b.get('rung_score'), metric)}, "
