@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,10 @@ def event(what: str) -> None:
 
 
 def value(config: dict[str, Any], seed: int, epoch: int) -> float:
-    """The fake metric: a config's level, a small seed effect, rising with the epochs."""
+    """The fake metric: a config's level (higher with mixing on, so the search finds a winner
+    with a trick to ablate), a small seed effect, rising with the epochs."""
     key = json.dumps(config, sort_keys=True, default=str)
-    level = (zlib.crc32(key.encode()) % 1000) / 4000
+    level = (zlib.crc32(key.encode()) % 1000) / 4000 + (0.3 if config.get("mix", {}).get("mode") != "none" else 0.0)
     noise = (zlib.crc32(f"{key}:{seed}".encode()) % 100) / 10000
     return round(0.5 + level + noise + 0.02 * epoch, 6)
 
@@ -99,10 +101,26 @@ def _patch_driver() -> None:
     StudySearch.on_trial_result = searcher_result
 
 
-def main(argv: list[str]) -> int:
+def _import_driver() -> None:
+    """Everything a driver imports, once: Ray's console settings first, as search.run's
+    connect() would, then Ray, Tune and every room of the search."""
     from trainable.cluster import quiet_ray_console
 
-    quiet_ray_console()  # before Ray is imported, as search.run's connect() would
+    quiet_ray_console()
+    import ray  # noqa: F401
+    import ray.tune  # noqa: F401
+    import search.answer.build  # noqa: F401
+    import search.answer.report  # noqa: F401
+    import search.experiment.resume  # noqa: F401
+    import search.phases.confirm  # noqa: F401
+    import search.phases.search  # noqa: F401
+    import search.run  # noqa: F401
+
+
+def main(argv: list[str]) -> int:
+    """One driver: join the Ray instance at argv[0] with the fake training on its workers and
+    run `search.run.main(argv[1:])` with the counted decisions and study writes."""
+    _import_driver()
     import ray
 
     address, args = argv[0], argv[1:]
@@ -116,5 +134,54 @@ def main(argv: list[str]) -> int:
     return run_main(args)
 
 
+def serve() -> None:
+    """A driver factory: import everything once, then for each request on stdin (one JSON
+    line: `argv` for `main`, `env`, `log`, `timeout_s`) fork a fresh driver process, its
+    output appended to `log`, and answer its exit status on stdout (`-9`: killed by SIGKILL,
+    `null`: still running after `timeout_s`, then killed). A forked driver starts in well
+    under a second instead of re-importing Ray, Tune, torch and the search for each run;
+    it is a separate process, so a SIGKILL ends it exactly as it would end `search.run`."""
+    _import_driver()
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the driver
+            code = 1
+            try:
+                os.environ.update(request["env"])
+                fd = os.open(request["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                code = main(request["argv"])
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + float(request["timeout_s"])
+        status: int | None = None
+        while status is None:
+            done, raw = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = os.waitstatus_to_exitcode(raw)
+            elif time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                break
+            else:
+                time.sleep(0.05)
+        print(json.dumps({"rc": status}), flush=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        sys.exit(main(sys.argv[1:]))

@@ -13,6 +13,7 @@ are not the ones below (`check_resume`), rather than resume into a silently diff
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "OPTUNA_VERSION", "RAY_VERSION", "KeptLoggerFile", "asha_rungs", "check_resume", "completed_trials",
-    "experiment_analysis", "fix_search_generator", "ot_study", "ot_trials", "reseed_sampler", "trial_from_json",
-    "version_mismatch",
+    "experiment_analysis", "fix_search_generator", "ot_study", "ot_trials", "reseed_sampler",
+    "save_tune_state", "trial_from_json", "version_mismatch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,32 @@ def fix_search_generator(gen: dict[str, Any], live: set[str], count: int) -> boo
         gen["counter"] = count
         changed = True
     return changed
+
+
+def save_tune_state(controller: Any, trial: Any = None) -> None:
+    """Have Tune write its experiment state (its trials, `trial` included, and the searcher's
+    state) into the experiment now and wait for it: `controller` is what Tune hands its
+    schedulers (a wrapper around its `TuneController`, whose `checkpoint` is not public; a
+    trial being added is only marked for its state after the scheduler has seen it)."""
+    inner = getattr(controller, "_tune_controller", controller)
+    if inner is None or not hasattr(inner, "save_to_dir"):
+        return
+    if trial is not None:
+        inner._mark_trial_to_checkpoint(trial)
+    inner.save_to_dir()  # into the driver's staging folder
+    # Only this session's state files go to the experiment, the searcher's before Tune's:
+    # Tune's own sync (`checkpoint`) would also copy the trials' result files as this driver
+    # has them, over the rows that earlier drivers kept there.
+    storage = inner._storage
+    staging, session = storage.experiment_driver_staging_path, inner._session_str
+    names = sorted((n for n in os.listdir(staging) if session in n and os.path.isfile(os.path.join(staging, n))),
+                   key=lambda n: n.startswith("experiment_state"))
+    fs = storage.storage_filesystem
+    for name in names:
+        remote = f"{storage.experiment_fs_path}/{name}"
+        with open(os.path.join(staging, name), "rb") as f, fs.open_output_stream(remote + ".tmp") as out:
+            out.write(f.read())
+        fs.move(remote + ".tmp", remote)
 
 
 def experiment_analysis(results: Any) -> Any:

@@ -221,13 +221,18 @@ def reconcile(exp: Experiment, space: Space, scheduler: Any | None = None) -> Re
 
 
 def _saved_metrics(exp: Experiment, tid: str) -> dict[str, Any] | None:
-    """The metrics of the trial's training run's last checkpoint (Ray Train's own record in
-    its run folder, written before the result goes on to Tune), or None."""
+    """The metrics of the search trial's training run's last checkpoint, or None."""
     from search.experiment.folder import RUNS_DIR, TRIAL_NAME_PREFIX
 
-    rel = f"{RUNS_DIR}/{TRIAL_NAME_PREFIX}{tid}/checkpoint_manager_snapshot.json"
+    return run_record_metrics(exp.store, f"{RUNS_DIR}/{TRIAL_NAME_PREFIX}{tid}")
+
+
+def run_record_metrics(store: Storage, run: str) -> dict[str, Any] | None:
+    """The metrics of the last checkpoint of the training run in the folder `run` of `store`
+    (Ray Train's own record there, written before the result goes on to Tune), or None."""
     try:
-        metrics = json.loads(exp.store.read_text(rel))["latest_checkpoint_result"]["metrics"]
+        metrics = json.loads(store.read_text(f"{run}/checkpoint_manager_snapshot.json"))
+        metrics = metrics["latest_checkpoint_result"]["metrics"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return metrics if isinstance(metrics, dict) and "epoch" in metrics else None
@@ -258,22 +263,13 @@ class _TuneSnapshot:
         matching = sorted(fnmatch.filter(names, template.format("*")))  # Tune's session names sort by time
         return matching[-1] if matching else None
 
-    @staticmethod
-    def _latest_written(store: Storage, template: str) -> str | None:
-        """The snapshot written last (by the storage's clock; among equal times, the name
-        Tune would pick): a driver whose clock ran behind names its snapshots earlier than
-        older ones, and Tune, which picks by name, would restore a stale state."""
-        selector = pyarrow.fs.FileSelector(store.fs_path(), allow_not_found=True)
-        infos = [i for i in store.fs.get_file_info(selector) if fnmatch.fnmatch(i.base_name, template.format("*"))]
-        if not infos:
-            return None
-        return max(infos, key=lambda i: (i.mtime_ns or 0, i.base_name)).base_name
-
     @classmethod
     def load(cls, store: Storage) -> _TuneSnapshot | None:
         from ray.tune.execution.tune_controller import TuneController
 
-        name = cls._latest_written(store, TuneController.CKPT_FILE_TMPL)
+        # the snapshot Tune restores: the greatest name (not the newest file: a resumed Tune
+        # copies every earlier snapshot back into the experiment as it syncs its own)
+        name = cls._newest(store, TuneController.CKPT_FILE_TMPL)
         if name is None:
             return None
         state = json.loads(store.read_text(name))

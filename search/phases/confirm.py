@@ -245,7 +245,7 @@ def run_phase(
                                       racing=bool(c and c.racing and phase == CONFIRM), phase_dir=path),
                 num_samples=len(entries) * len(seeds),
                 max_concurrent_trials=concurrent,
-                scheduler=RecordedFIFO(),  # every trial in Tune's saved state before it trains
+                scheduler=RecordedFIFO(),  # Tune's state saved at every result
             ),
             run_config=tune.RunConfig(
                 name=phase,

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from search.experiment.audit import AuditLog, SchedulerState
-from search.experiment.ray_private import asha_bracket_for, asha_forget, asha_knows, asha_rungs, asha_stopped
+from search.experiment.ray_private import (asha_bracket_for, asha_forget, asha_knows, asha_rungs, asha_stopped,
+                                          save_tune_state)
 from search.experiment.folder import Experiment
 from trainable.status import RUN_STATUS
 from spaces import Space
@@ -24,7 +25,26 @@ from spaces import Space
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-__all__ = ["AuditedASHA", "audit_pick", "audit_seed", "make_scheduler"]
+__all__ = ["AuditedASHA", "RecordedFIFO", "audit_pick", "audit_seed", "make_scheduler", "record_trial"]
+
+def record_trial(tune_controller: Any, trial: Trial) -> None:
+    """Tune writes its experiment state only every ~10 s: a driver killed in between loses
+    the trials it started since and the ends of those that ended, and `--resume` would
+    mark the lost ones orphans, propose others and train them in another order. At every
+    result, before the scheduler decides and the study records it, the trial (running) and
+    every trial that ended before it are written into the experiment's state. Not during
+    the reconciliation's replay (no controller)."""
+    if tune_controller is not None:
+        save_tune_state(tune_controller, trial)
+
+
+class RecordedFIFO(FIFOScheduler):
+    """FIFO whose trials are in Tune's saved state at every result (`record_trial`)."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        record_trial(tune_controller, trial)
+        return super().on_trial_result(tune_controller, trial, result)
+
 
 class AuditedASHA(ASHAScheduler):
     """ASHA that lets a fraction `audit` of the trials it would stop run to `max_t`, and
@@ -65,6 +85,7 @@ class AuditedASHA(ASHAScheduler):
             self._log.save_state(state)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        record_trial(tune_controller, trial)
         state = self._state()
         tid, epoch = trial.trial_id, result.get(self._time_attr)
         if tid in state.audited:
@@ -139,7 +160,7 @@ def make_scheduler(space: Space, exp: Experiment | None = None) -> Any:
     `experiment.scheduler.audit` > 0 (the audit is recorded in `exp`)."""
     s = space.experiment.scheduler
     if s.kind == "fifo":
-        return FIFOScheduler()
+        return RecordedFIFO()
     return AuditedASHA(
         audit=s.audit,
         log=AuditLog(exp.path) if exp is not None else None,

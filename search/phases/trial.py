@@ -114,7 +114,9 @@ def train_or_report_failure(
     from trainable.failures import deterministic_cause
 
     try:
-        (launch or launch_trainer)(make_config(), name, runs_path)
+        cfg = make_config()
+        if not _report_finished_run(cfg, name, runs_path):
+            (launch or launch_trainer)(cfg, name, runs_path)
     except Exception as err:
         cause = deterministic_cause(err)
         if cause is None:
@@ -123,6 +125,23 @@ def train_or_report_failure(
         logger.error("%s failed (not retried: the same config fails the same way): %s", name, reason)
         metric = space.experiment.metric
         tune.report({metric: worst_value(metric), RUN_STATUS: FAILED, RUN_ERROR: reason})
+
+
+def _report_finished_run(cfg: Any, name: str, runs_path: str) -> bool:
+    """A trial restarted after its training ran all its epochs (its driver was killed before
+    Tune recorded the end) would report nothing, and Tune would end it without a result:
+    the last checkpoint's result is reported again instead. Whether it was."""
+    from ray import tune
+
+    from search.experiment.resume import run_record_metrics
+    from trainable.storage import Storage
+
+    metrics = run_record_metrics(Storage(runs_path), name)
+    if metrics is None or int(metrics.get("epoch", 0)) < cfg.run.epochs:
+        return False
+    logger.info("%s had trained all its epochs: its last checkpoint's result reported again", name)
+    tune.report(metrics)
+    return True
 
 
 def launch_trainer(cfg: Any, name: str, runs_path: str) -> None:
