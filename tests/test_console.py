@@ -430,6 +430,50 @@ def test_eta_from_the_trial_times_measured_so_far():
     assert clock_time(65) == "1:05" and clock_time(3725) == "1:02:05" and clock_time(-3) == "0:00"
 
 
+def _answer_for_console(**changes: Any) -> dict[str, Any]:
+    row = {"label": "candidate 1", "role": "candidate", "mean": 0.96, "ci95": [0.95, 0.97], "changed": ["mix.mode"],
+           "unstable_seeds": [], "vs_baseline": {"delta": 0.03, "ci95": [0.025, 0.035], "std": 0.002, "n": 3}}
+    shaky = {**row, "label": "candidate 2", "mean": 0.955, "unstable_seeds": [1002], "vs_baseline": None,
+             "changed": ["label_smoothing"]}
+    base = {**row, "label": "baseline", "role": "baseline", "mean": 0.93, "changed": [], "vs_baseline": None}
+    answer = {"message": "Winner: candidate 1 (mix.mode), val_acc 96.00%.", "verdict": "winner", "state": "finished",
+              "verdict_reason": None, "weak": False, "confirm": [row, shaky, base], "ablation": [],
+              "ablation_note": None, "notes": ["the gain over the baseline is adjusted for its selection."],
+              "failed": None}
+    return {**answer, **changes}
+
+
+def test_the_answer_block_shows_the_answer_fields(tmp_path):
+    from search.experiment.folder import Experiment
+    from search.phases.console import answer_block
+
+    exp = Experiment.at(str(tmp_path / "exp"))
+    lines = answer_block(_answer_for_console(), exp).splitlines()
+    assert lines[0] == "answer: Winner: candidate 1 (mix.mode), val_acc 96.00%."
+    assert "  candidate 1  0.9600 [0.9500, 0.9700]  vs baseline +0.0300 [+0.0250, +0.0350]  mix.mode" in lines
+    assert ("  candidate 2  0.9550 [0.9500, 0.9700]  unstable (seed 1002), never the answer  label_smoothing"
+            in lines)
+    assert "  baseline     0.9300 [0.9500, 0.9700]  (no trick changed)" in lines
+    assert "  note: the gain over the baseline is adjusted for its selection." in lines
+    assert not any(ln.startswith(("  not final", "  unconfirmed", "  weak", "  ablation:", "failed:")) for ln in lines)
+    failed = {"count": 1, "of": 8, "line": "1 of 8 search trials failed: t3 (failed): DataError: bad image."}
+    stale = "the recorded ablation was planned for another config than the winner (candidate 1)"
+    lines = answer_block(_answer_for_console(
+        message="Unconfirmed: the best search trial scored val_acc 90.00% on one seed.", verdict="unconfirmed",
+        verdict_reason="no config finished every confirmation seed", state="ablating", weak=True,
+        ablation_note=stale, failed=failed), exp).splitlines()
+    assert "  not final: the experiment is ablating, so this answer may still change" in lines
+    assert "  unconfirmed: no config finished every confirmation seed" in lines
+    assert "  weak: fewer than 3 seeds, the intervals are wide" in lines
+    assert f"  ablation: {stale}" in lines
+    assert f"failed:     {failed['line']}" in lines
+    assert lines[-1].startswith("export it:")
+    # the reason and weakness are said once: not again when the message says them
+    lines = answer_block(_answer_for_console(message="Unconfirmed: one seed. Weak: only 2 seeds.", verdict="unconfirmed",
+                                             verdict_reason="one seed", weak=True), exp).splitlines()
+    assert not any(ln.startswith(("  unconfirmed", "  weak")) for ln in lines)
+
+
 @pytest.mark.parametrize("tty", [False, True])
 def test_progress_of_a_phase(space, tty, monkeypatch):
     from search.phases.console import PhaseProgress

@@ -303,6 +303,108 @@ def _m(label: str, role: str, values: list[float], changed: dict[str, Any] | Non
     return Measured(Entry(label, role, {**BASE, **(changed or {})}), label, seeds=seeds, values=values, **kw)
 
 
+def _reads_cleanly(md: str) -> None:
+    """No "-" standing for a missing number and no "?" in the report's sentences."""
+    for line in _prose(md):
+        assert not re.search(r"(^|[\s(])-([\s,.;)]|$)", line.removeprefix("- ")), line  # a list item's dash aside
+        assert "?" not in line.replace("?)", ""), line
+    for line in md.splitlines():  # nor in a confirmed config's row
+        if line.startswith(("| candidate", "| baseline")):
+            assert "| - |" not in line, line
+
+
+FAILED_LINE = ("2 of 10 search trials failed: t3 (error): CUDA out of memory; t7 (failed): DataError: bad image. "
+               "The answer rests on the others; --resume retries those with status error.")
+
+
+def _case(case: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """A fixed answer for one of the fields the report must show: (answer, texts it must hold, texts it must not)."""
+    a = answer()
+    c1, c2, base = a["confirm"]
+    if case == "unconfirmed with reason":
+        a.update(verdict="unconfirmed", verdict_reason="the baseline has not finished every seed yet",
+                 vs_baseline=None, vs_runner_up=None, p_best={}, ablation=[], state="confirming")
+        base.update(status="unfinished", values=[0.95], seeds=[1001], mean=0.95, std=None, ci95=None)
+        for c in (c1, c2):
+            c["vs_baseline"] = None
+        return a, ["**Verdict: unconfirmed**: the baseline has not finished every seed yet. candidate 1 is only the "
+                   "best confirmed config so far; this is no evidence that it beats the baseline.",
+                   "Not final: the experiment is confirming, so this answer may still change.",
+                   "| candidate 1 | mix.mode=cutmix, label_smoothing=0.1 | 96.20% ± 1.00 pp | "
+                   "none: the baseline has no stable result on every seed |",
+                   "Baseline: val_acc 95.00% (one seed, no CI)."], ["rests on one seed of the search"]
+    if case == "one seed":
+        for c in (c1, c2, base):
+            c.update(values=c["values"][:1], seeds=c["seeds"][:1], std=None, ci95=None, vs_baseline=None)
+        a.update(verdict="unconfirmed", verdict_reason="one seed", vs_baseline=None, vs_runner_up=None, p_best={},
+                 ablation=[])
+        return a, ["**Verdict: unconfirmed**: the confirmation ran one seed, and nothing is claimed from one seed.",
+                   "| candidate 2 | mix.mode=mixup, mix.mixup_alpha=0.3 | 95.50% (one seed, no CI) | none: one seed |",
+                   "P(best) needs at least two seeds per config."], []
+    if case == "weak":
+        for c in (c1, c2, base):
+            c.update(values=c["values"][:2], seeds=c["seeds"][:2])
+        a.update(weak=True)
+        return a, ["**Weak verdict:** it rests on only 2 seeds (a firm one needs at least 3; with 2, a 95% interval "
+                   "is wide); set experiment.confirm.seeds >= 3.", "over 2 seeds (1001, 1002)"], []
+    if case == "unstable config":
+        c2.update(values=[0.955, 0.96], seeds=[1001, 1003], mean=0.9575, unstable_seeds=[1002], vs_baseline=None)
+        a["p_best"].pop("candidate 2")
+        return a, ["**Unstable:** candidate 2 is unstable (seed 1002 diverged or failed), so it is never the answer.",
+                   "| candidate 2, unstable (seed 1002) | mix.mode=mixup, mix.mixup_alpha=0.3 | 95.75% ± 1.00 pp | "
+                   "none: unstable (seed 1002) |",
+                   "| 95.50%, 96.00%; seed 1002 diverged or failed | n/a (unstable) |"], []
+    if case == "stale ablation":
+        a.update(ablation=[], ablation_note="the recorded ablation was planned for another config than the winner "
+                                            "(candidate 1); it is re-planned and its effects are not shown")
+        return a, ["Ablation: the recorded ablation was planned for another config than the winner (candidate 1); "
+                   "it is re-planned and its effects are not shown."], ["| trick: Δ ± 95% CI |", "mix.mode: +"]
+    if case == "too few trials tau":
+        a["rung_tau"][1] = {"rung": 2, "tau": None, "n": 3, "epoch": 3,
+                            "note": "too few trials (3 ranked at this rung and run to the end; 8 needed)"}
+        return a, ["| 1 | 0.60 | 5 |",
+                   "| 2 | too few trials (3 ranked at this rung and run to the end; 8 needed) | 3 |"], ["n/a"]
+    if case == "adjusted gain":
+        a["vs_baseline"]["adjusted"] = 0.009
+        a["notes"] = ["The confirmation scores the configs on the validation set the search selected them on: the "
+                      "winner's score is optimistic; the gain over the baseline is adjusted for its selection."]
+        return a, ["**Verdict: winner.** It beats the runner-up (candidate 2) by +0.7 ± 0.5 pp (paired over the same "
+                   "seeds, 95% CI). Over the baseline it gains +0.9 pp, adjusted for having been selected (a gain "
+                   "reported because its interval cleared 0 is biased upwards, so it is shrunk towards what such a "
+                   "selection leaves); the raw paired mean over the same seeds is +1.2 ± 0.8 pp (95% CI).",
+                   "Note: The confirmation scores the configs on the validation set the search selected them on"], \
+            ["and the baseline by"]
+    if case == "failed trials":
+        a["failed"] = {"count": 2, "of": 10, "line": FAILED_LINE,
+                       "trials": [{"trial_id": "t3", "status": "error", "error": "CUDA out of memory"},
+                                  {"trial_id": "t7", "status": "failed", "error": "DataError: bad image"}]}
+        return a, [f"**Failed trials:** {FAILED_LINE}"], []
+    raise AssertionError(case)
+
+
+CASES = ["unconfirmed with reason", "one seed", "weak", "unstable config", "stale ablation", "too few trials tau",
+         "adjusted gain", "failed trials"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_report_shows_each_answer_field(case):
+    a, holds, lacks = _case(case)
+    md = render_markdown(a)
+    for text in holds:
+        assert text in md, (text, md)
+    for text in lacks:
+        assert text not in md, text
+    _reads_cleanly(md)
+
+
+def test_each_answer_field_changes_the_report():
+    """The texts above come from the fields: without them the plain answer holds none of them."""
+    md = render_markdown(answer())
+    for case in CASES:
+        _, holds, _ = _case(case)
+        assert not [t for t in holds if t in md and not t.startswith("| 1 | 0.60")], case
+
+
 def test_the_table_the_figure_and_the_verdict_show_one_paired_difference(tmp_path, monkeypatch):
     """Each config's paired difference to the baseline is computed once (`paired_gain`, in
     `build._summary`, with the verdict's floor) and the table, the figure and the verdict show it.

@@ -320,14 +320,30 @@ def answer_block(answer: dict[str, Any] | None, exp: Experiment) -> str:
     """The answer as the console shows it at the end of a search."""
     if answer is None:
         return "no answer"
-    lines = ["answer: " + answer["message"]]
+    message = answer["message"]
+    lines = ["answer: " + message]
+    if answer.get("state") not in (None, "finished"):
+        lines.append(f"  not final: the experiment is {answer['state']}, so this answer may still change")
+    reason = answer.get("verdict_reason")
+    if answer.get("verdict") == "unconfirmed" and reason and reason not in message:
+        lines.append(f"  unconfirmed: {reason}")
+    if answer.get("weak") and "weak" not in message.lower():
+        lines.append("  weak: fewer than 3 seeds, the intervals are wide")
     for c in answer.get("confirm") or []:
         if c.get("mean") is None:
             continue
         ci = f" [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}]" if c.get("ci95") else ""
-        lines.append(f"  {c['label']:<12} {c['mean']:.4f}{ci}  {', '.join(c['changed']) or '(no trick changed)'}")
+        gain = c.get("vs_baseline")  # paired, the verdict's computation
+        vs = f"  vs baseline {gain['delta']:+.4f} [{gain['ci95'][0]:+.4f}, {gain['ci95'][1]:+.4f}]" if gain else ""
+        seeds = c.get("unstable_seeds") or []
+        unstable = f"  unstable (seed {', '.join(map(str, seeds))}), never the answer" if seeds else ""
+        lines.append(f"  {c['label']:<12} {c['mean']:.4f}{ci}{vs}{unstable}  "
+                     f"{', '.join(c['changed']) or '(no trick changed)'}")
+    if answer.get("ablation_note"):
+        lines.append(f"  ablation: {answer['ablation_note']}")
     for a in answer.get("ablation") or []:
         lines.append(f"  trick {a['trick']}: {a['delta']:+.4f} [{a['ci95'][0]:+.4f}, {a['ci95'][1]:+.4f}]")
+    lines += [f"  note: {n}" for n in answer.get("notes") or []]
     if (answer.get("failed") or {}).get("line"):
         lines.append(f"failed:     {answer['failed']['line']}")
     lines.append(f"report:     {exp.path}/report/report.md")
