@@ -451,6 +451,8 @@ def test_the_table_the_figure_and_the_verdict_show_one_paired_difference(tmp_pat
     assert shown == "+3.0 ± 0.5 pp"
     assert re.search(rf"^\| candidate 1 \| [^|]+ \| [^|]+ \| {re.escape(shown)} \|", md, re.M)
     assert f"the raw paired mean over the same seeds is {shown} (95% CI)" in md
+    assert "(unchanged: a gain this far above the bar is hardly inflated)" in md  # +3 pp, 0.5 pp wide: no shrink
+    assert figure["candidate 3"]["unstable_seeds"] == [1002]  # the figure labels it unstable
     c2_shown = fmt_delta(rows["candidate 2"]["vs_baseline"]["delta"], rows["candidate 2"]["vs_baseline"]["ci95"], "val_acc")
     assert re.search(rf"^\| candidate 2 \| [^|]+ \| [^|]+ \| {re.escape(c2_shown)} \|", md, re.M)
     assert re.search(r"^\| candidate 3, unstable \(seed 1002\) \| [^|]+ \| [^|]+ \| none: unstable \(seed 1002\) \|",

@@ -163,7 +163,8 @@ def paired_to_baseline(answer: dict[str, Any]) -> list[dict[str, Any]]:
         d = (c["vs_baseline"] if "vs_baseline" in c else
              paired_gain(measured(c), measured(base), sign, floor) if stable(c) and stable(base) else None)
         out.append({"label": c.get("label"), "seeds": seeds, "diffs": [sign * (own[s] - by_seed[s]) for s in seeds],
-                    "delta": d["delta"] if d else None, "ci95": list(d["ci95"]) if d else None})
+                    "delta": d["delta"] if d else None, "ci95": list(d["ci95"]) if d else None,
+                    "unstable_seeds": list(c.get("unstable_seeds") or [])})
     return out
 
 
@@ -193,7 +194,9 @@ def plot_confirm(answer: dict[str, Any], path: Path) -> bool:
                     label=None if labelled else "mean, 95% CI")
         labelled = True
     ax.axhline(0.0, color="tab:red", linewidth=1.0, label="the baseline")
-    ax.set_xticks(range(len(rows)), [str(r["label"]) for r in rows], rotation=15, ha="right")
+    ax.set_xticks(range(len(rows)), [str(r["label"]) + (f"\nunstable (seed {', '.join(map(str, r['unstable_seeds']))})"
+                                                         if r["unstable_seeds"] else "") for r in rows],
+                  rotation=15, ha="right")
     ax.set_xlim(-0.5, len(rows) - 0.5 + 0.06 * len(seeds) + 0.2)
     ax.set(ylabel=f"gain over the baseline ({unit}), paired by seed",
            title="confirmation: paired difference to the baseline\n(above the red line: better than the baseline)")

@@ -122,9 +122,11 @@ def _over_baseline(vb: dict[str, Any] | None, metric: str) -> str | None:
     if not _finite(vb.get("adjusted")):
         return f"Over the baseline it gains {raw} (paired mean over the same seeds, 95% CI)."
     adjusted = fmt_delta(vb["adjusted"], None, metric).replace(" (no CI)", "")
+    same = (" (unchanged: a gain this far above the bar is hardly inflated)"
+            if raw.split(" ")[0] == adjusted.split(" ")[0] else "")
     return (f"Over the baseline it gains {adjusted}, adjusted for having been selected (a gain reported because "
             "its interval cleared 0 is biased upwards, so it is shrunk towards what such a selection leaves); "
-            f"the raw paired mean over the same seeds is {raw} (95% CI).")
+            f"the raw paired mean over the same seeds is {raw} (95% CI){same}.")
 
 
 def _unconfirmed(a: dict[str, Any], w: dict[str, Any]) -> str:
