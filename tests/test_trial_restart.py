@@ -69,3 +69,43 @@ def test_every_result_saves_tunes_state_with_the_trial_before_the_scheduler_deci
     assert calls == []
     assert RecordedFIFO().on_trial_result(SimpleNamespace(_tune_controller=inner), trial, {"epoch": 1}) == "CONTINUE"
     assert calls == [("mark", "a"), "save"]
+
+
+def test_a_resumed_trial_takes_its_kept_rows_back_over_a_stale_staging_copy(tmp_path):
+    import pyarrow.fs
+
+    from search.experiment.resume import JsonRows
+
+    staging, remote = tmp_path / "staging" / "trial_a", tmp_path / "experiment" / "trial_a"
+    staging.mkdir(parents=True)
+    remote.mkdir(parents=True)
+    (staging / "result.json").write_text("")  # as an earlier driver, killed, left it on this Ray instance
+    (remote / "result.json").write_text('{"epoch": 1}\n')  # the rows the experiment kept
+    trial = SimpleNamespace(local_path=str(staging), storage=SimpleNamespace(
+        trial_fs_path=str(remote), storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    JsonRows()._restore_from_remote("result.json", trial)
+    assert (staging / "result.json").read_text() == '{"epoch": 1}\n'
+    same = SimpleNamespace(local_path=str(remote), storage=trial.storage)  # staging is the experiment: untouched
+    JsonRows()._restore_from_remote("result.json", same)
+    assert (remote / "result.json").read_text() == '{"epoch": 1}\n'
+
+
+def test_a_resume_drops_the_result_files_an_earlier_driver_left_in_its_staging_folder(tmp_path):
+    import pyarrow.fs
+
+    from search.experiment.resume import _drop_staged_rows
+
+    staging, remote = tmp_path / "staging" / "trial_a", tmp_path / "experiment" / "trial_a"
+    staging.mkdir(parents=True)
+    remote.mkdir(parents=True)
+    for folder, text in ((staging, ""), (remote, '{"epoch": 1}\n')):
+        (folder / "result.json").write_text(text)
+        (folder / "progress.csv").write_text(text)
+    (staging / "params.json").write_text("{}")
+    trial = SimpleNamespace(local_path=str(staging), storage=SimpleNamespace(
+        trial_fs_path=str(remote), storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    _drop_staged_rows(trial)  # Tune would sync these over the experiment's rows
+    assert sorted(p.name for p in staging.iterdir()) == ["params.json"]
+    assert (remote / "result.json").read_text() == '{"epoch": 1}\n'
+    _drop_staged_rows(SimpleNamespace(local_path=str(remote), storage=trial.storage))  # staging is the experiment
+    assert (remote / "result.json").read_text() == '{"epoch": 1}\n'

@@ -67,7 +67,10 @@ def check_resume() -> None:
 class KeptLoggerFile:
     """Mixin for a Tune logger callback whose file lives in the experiment: Tune's private
     `_restore_from_remote` hook takes the experiment's copy back for any trial, not only a
-    trial resumed from a Tune checkpoint."""
+    trial resumed from a Tune checkpoint, and over any copy the driver's staging folder
+    still holds: a trial keeps the staging folder of the driver that started it, and a
+    driver resumed on the same Ray instance finds there the file as an earlier killed
+    driver left it, behind the experiment's (Tune would sync it back over the rows kept)."""
 
     def _restore_from_remote(self, file_name: str, trial: Trial) -> None:
         from pathlib import Path
@@ -75,8 +78,11 @@ class KeptLoggerFile:
         local = Path(trial.local_path, file_name)
         remote = f"{trial.storage.trial_fs_path}/{file_name}"
         fs = trial.storage.storage_filesystem
-        if local.exists() or fs.get_file_info(remote).type == pyarrow.fs.FileType.NotFound:
+        if fs.get_file_info(remote).type == pyarrow.fs.FileType.NotFound:
             return
+        if isinstance(fs, pyarrow.fs.LocalFileSystem) and local.exists() and local.samefile(remote):
+            return
+        local.parent.mkdir(parents=True, exist_ok=True)
         pyarrow.fs.copy_files(remote, str(local), source_filesystem=fs)
 
 

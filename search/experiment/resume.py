@@ -151,6 +151,8 @@ def reconcile(exp: Experiment, space: Space, scheduler: Any | None = None) -> Re
     except KeyError:  # the driver died before the searcher created the study
         return out
     trials = snap.trials if snap else {}
+    for trial in trials.values():
+        _drop_staged_rows(trial)
     decided: SchedulerState = read_scheduler_state(exp)
     out.abandoned = abandon_orphans(study, set(trials))
     by_tid = {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.get_trials(deepcopy=False) if TUNE_TRIAL_ID in t.user_attrs}
@@ -218,6 +220,23 @@ def reconcile(exp: Experiment, space: Space, scheduler: Any | None = None) -> Re
             len(out.abandoned), len(out.recovered), len(out.closed), len(out.told),
         )
     return out
+
+
+def _drop_staged_rows(trial: Trial) -> None:
+    """Remove the trial's result files from the driver's staging folder, where a driver
+    killed earlier on the same Ray instance left them (a trial keeps the staging folder of
+    the driver that started it): Tune syncs that folder into the experiment, over the rows
+    kept there (`JsonRows`, `CsvRows`, and the rows recovered here). A trial that trains
+    again takes the experiment's rows back (`KeptLoggerFile`)."""
+    try:
+        local = Path(trial.local_path)
+        remote = Path(trial.storage.trial_fs_path) if trial.storage.storage_filesystem.type_name == "local" else None
+    except Exception:  # no staging folder here (another Ray instance): nothing stale
+        return
+    for name in (EXPR_RESULT_FILE, EXPR_PROGRESS_FILE):
+        staged = local / name
+        if staged.exists() and not (remote is not None and (remote / name).exists() and staged.samefile(remote / name)):
+            staged.unlink()
 
 
 def _saved_metrics(exp: Experiment, tid: str) -> dict[str, Any] | None:
