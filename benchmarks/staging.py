@@ -6,9 +6,10 @@ On a local S3 server (moto, 127.0.0.1) holding a folder of small JPEGs:
                pyarrow's own recursive copy (`pyarrow.fs.copy_files`, its I/O threads) and a
                plain boto3 copy (one GET per object from a thread pool of the same size).
                Runs alternate ours/references; each starts from an empty folder.
---part epoch   a training epoch (in this process, world size 1) reading the staged copy
-               against the same images in the local folder they were uploaded from: the
-               median `images_per_s` of epoch 2 of each run; runs alternate.
+--part epoch   a training epoch (in this process, world size 1, `--epoch-subset` of the
+               training images) reading the staged copy against the same images in the
+               local folder they were uploaded from: the median `images_per_s` of epoch 2
+               of each run; runs alternate.
 --part all     both, then the time to stage ImageNet-1k per node from the measured rates.
 
     python benchmarks/staging.py --part all --images 2000 --repeats 3
@@ -99,7 +100,7 @@ def part_copy(uri: str, server: object, files: int, nbytes: int, repeats: int, t
             "ref_files_per_s": files / med["boto3 GETs"]}
 
 
-def part_epoch(uri: str, local: Path, repeats: int, work: Path) -> None:
+def part_epoch(uri: str, local: Path, repeats: int, work: Path, subset: float) -> None:
     import torch
 
     from trainable.config import TrainConfig
@@ -113,7 +114,7 @@ def part_epoch(uri: str, local: Path, repeats: int, work: Path) -> None:
         cfg = TrainConfig.model_validate({
             "model": {"name": "resnet18_vd", "small_input": False},
             "data": {"kind": "imagefolder", "root": root, "image_size": 32, "loader_workers": 0,
-                     "cache_dir": str(work / "epoch-cache")},
+                     "cache_dir": str(work / "epoch-cache"), "subset": subset},
             "batch": {"global_batch": 64, "micro_batch": 64}, "distributed": {"num_workers": 1},
             "run": {"epochs": 2, "log_every": 100},
         })
@@ -151,6 +152,7 @@ def main() -> None:
     p.add_argument("--px", type=int, default=96, help="JPEG side (random content: ~%(default)s px -> a few KB)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=32)
+    p.add_argument("--epoch-subset", type=float, default=0.3, help="data.subset of the training runs")
     args = p.parse_args()
 
     from tests.conftest import S3Server
@@ -172,7 +174,7 @@ def main() -> None:
                 if args.part == "all":
                     on_paper(rates)
             if args.part in ("epoch", "all"):
-                part_epoch(uri, local, args.repeats, work)
+                part_epoch(uri, local, args.repeats, work, args.epoch_subset)
         finally:
             server.stop()
 
