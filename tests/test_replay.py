@@ -103,6 +103,8 @@ def test_the_null_table_is_the_baselines_seeds_under_every_name(tiny):
     assert null.curves[base] == tiny.curves[base]
     fig = run_setting(null, {}, 3)
     assert fig["n"] == 3 and 0.0 <= fig["p_false_winner"][0] <= 1.0
+    # every config's truth is the baseline's: no ranking to correlate a rung with
+    assert set(fig["tau_rungs"]) == {"1", "2"} and all(t[0] != t[0] and t[3] == 0 for t in fig["tau_rungs"].values())
 
 
 def test_concurrency_follows_the_recorded_epoch_times(tiny):

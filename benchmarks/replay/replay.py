@@ -251,13 +251,15 @@ def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder:
 def rung_taus(space: Any, run: SearchRun, truth: dict[str, Any]) -> dict[int, float]:
     """Per rung of the space's scheduler: Kendall's tau between the scores of the trials that
     reported at that rung's epoch and their configs' true means (nan: fewer than 2 trials, or
-    no spread in either)."""
+    no spread in either, as on the null table, where every config's truth is the baseline's)."""
     from scipy.stats import kendalltau
 
     metric = space.experiment.metric
     out = {}
     for rung in space.experiment.scheduler.rungs(space.train.run.epochs):
-        pairs = [(r[metric], truth["means"][run.keys[tid]]) for tid, rs in run.reports.items()
+        # the true means rounded: a mean of the same values summed in another order (the null
+        # table's configs) differs in its last bits, which is no ranking
+        pairs = [(r[metric], round(truth["means"][run.keys[tid]], 9)) for tid, rs in run.reports.items()
                  for r in rs if r["epoch"] == rung]
         if len(pairs) < 2 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
             out[rung] = math.nan
