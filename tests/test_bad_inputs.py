@@ -340,15 +340,7 @@ def test_data_the_credentials_cannot_read_is_one_line(tmp_path: Path, observer: 
 
 
 # Feasibility follows `when` -----------------------------------------------------------------------------------
-WHEN_SPACE = """\
-experiment: {{name: when, num_samples: 2}}
-train:
-  model: {{name: resnet18_vd, small_input: true}}
-  data: {{kind: digits, image_size: 16, subset: 0.2, loader_workers: 0}}
-  batch: {{global_batch: 32, micro_batch: 8}}
-  distributed: {{num_workers: 2}}
-  run: {{epochs: 2}}
-search:
+WHEN_SPACE = SPACE.split("search:\n")[0].replace("{name}", "when") + """search:
   data.subset: {{choice: [0.1, 1.0]}}
   batch.global_batch: {{choice: [32, 1024]{when}}}
 """
