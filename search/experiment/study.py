@@ -85,9 +85,9 @@ class StudySearch(OptunaSearch):
         trials so far, attempt) before each proposal, so a proposal depends only on the study
         (what a resumed driver reads back), not on the draws of an earlier driver.
 
-        Duplicates: a proposal identical to a search trial that finished (COMPLETE or PRUNED)
-        or is running, i.e. one that would train the same config again at the same budget,
-        is not trained: it stays in the study as FAIL with user attr `duplicate_of` (the
+        Duplicates: a proposal identical to a search trial that finished (COMPLETE or PRUNED),
+        is running, or failed for its config or data (it would fail the same way), i.e. one
+        that would train the same config again at the same budget, is not trained: it stays in the study as FAIL with user attr `duplicate_of` (the
         earlier trial's number; TPE ignores FAIL trials and already holds the earlier result),
         and the sampler proposes another, up to `DUPLICATE_RETRIES` times; after that the
         duplicate is trained (the space is exhausted). The study user attr
@@ -102,7 +102,8 @@ class StudySearch(OptunaSearch):
                 reseed_sampler(study.sampler, zlib.crc32(f"{self._seed}:{len(search)}:{attempt}".encode()))
             config = super().suggest(trial_id)
             ot_trial = trials[trial_id]
-            same = next((t for t in search if t.params == ot_trial.params and t.state in _TAKEN), None)
+            same = next((t for t in search if t.params == ot_trial.params
+                         and (t.state in _TAKEN or t.user_attrs.get(RUN_STATUS) == FAILED)), None)
             if same is None or attempt == DUPLICATE_RETRIES:
                 break
             ot_trial.set_user_attr(DUPLICATE_OF, same.number)
