@@ -6,7 +6,8 @@ What runs is the project's own: the searcher (`make_searcher`: Optuna TPE behind
 OptunaSearch, with the duplicate rule), the scheduler (`make_scheduler`: the audited ASHA,
 its audit written to `audit.json` in a scratch experiment folder), the trial rows
 (`summarise`), the confirmation and ablation plans (`confirm_plan`, `ablation_plan`), the
-verdict (`decide`), the gain over the baseline and `--verify`'s rule (`verify_rule`). Only
+confirmation's rounds of seeds (`SeedRounds`, racing when the space says so) and its reader
+(`read_phase`), the verdict (`decide`), the gain over the baseline and `--verify`'s rule (`verify_rule`). Only
 Ray's executor is replaced: a simulated clock drives the searcher and the scheduler through
 their public callbacks in the order Tune's controller calls them (scheduler first, then the
 searcher unless the trial is stopped; at a trial's end the scheduler's and the searcher's
@@ -16,7 +17,8 @@ at a time it makes exactly the decisions a real `Tuner` run makes (tests/test_re
 
 Seeds: one replay draws a random order of the table's seeds; the search trains on the first
 (every search trial on the same seed, as a search does), the confirmation on the next
-`confirm.seeds`, `--verify` on the next 2: disjoint.
+`confirm.seeds` (with racing: the first of them, as its rounds ask), `--verify` on the next
+2: disjoint.
 
     python -m benchmarks.replay.replay --table quickstart --n 200
 """
