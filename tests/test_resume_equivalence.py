@@ -26,7 +26,8 @@ from tests.conftest import PYTHON, ROOT, cli_env
 from tests.fake_driver import EVENTS, KILL_AT
 
 NAME = "eq"
-KILLS = int(os.environ.get("RESUME_KILLS", "22"))
+KILLS = int(os.environ.get("RESUME_KILLS", "20"))
+PLANNED = KILLS + 6  # kill points planned: a resumed chain repeats fewer events than the reference has
 SETS = [
     "experiment.num_samples=5",
     "experiment.max_concurrent_trials=1",  # one trial at a time: a deterministic order
@@ -139,9 +140,9 @@ def kill_points(events: list[str], n: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "not yet: after a few kills the search trials' result.json in the experiment is empty (0 bytes, written "
-    "between two drivers, cause not found yet), so the last driver finds no finished trial and ends in "
-    "state 'confirming' without an answer"))
+    "not yet: over 25 kills the search's trials, stop/promote decisions and audit, the ablation and the winner "
+    "equal the reference's, but a confirmation seed-run killed late (the baseline's second seed) is missing from "
+    "the phase's measured values, so the killed chain ends 'confirming' (unconfirmed) instead of 'finished'"))
 def test_killed_and_resumed_search_decides_exactly_as_one_never_killed(drivers, tmp_path):
     started = time.monotonic()
     ref_dir, ref_events = tmp_path / "reference", tmp_path / "reference.events"
@@ -157,7 +158,7 @@ def test_killed_and_resumed_search_decides_exactly_as_one_never_killed(drivers, 
     killed_dir, killed_events = tmp_path / "killed", tmp_path / "killed.events"
     killed_dir.mkdir()
     kills: list[str] = []
-    for at in kill_points(events, KILLS):  # one chain: each driver resumes where the last was killed
+    for at in kill_points(events, PLANNED):  # one chain: each driver resumes where the last was killed
         t0 = time.monotonic()
         rc = drivers.drive(killed_dir, killed_events, kill_at=at)
         if rc == 0:

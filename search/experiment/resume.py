@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from search.experiment.folder import Experiment
 
-__all__ = ["CsvRows", "JsonRows", "Reconciliation", "reconcile"]
+__all__ = ["CsvRows", "JsonRows", "Reconciliation", "drop_staged_rows", "reconcile"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,7 @@ def reconcile(exp: Experiment, space: Space, scheduler: Any | None = None) -> Re
     except KeyError:  # the driver died before the searcher created the study
         return out
     trials = snap.trials if snap else {}
-    for trial in trials.values():
-        _drop_staged_rows(trial)
+    drop_staged_rows(exp.store, snap)
     decided: SchedulerState = read_scheduler_state(exp)
     out.abandoned = abandon_orphans(study, set(trials))
     by_tid = {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.get_trials(deepcopy=False) if TUNE_TRIAL_ID in t.user_attrs}
@@ -192,13 +191,18 @@ def reconcile(exp: Experiment, space: Space, scheduler: Any | None = None) -> Re
             saved is not None and int(saved.get("epoch", 0)) > int(rows[-1].get("epoch", 0) if rows else 0)
             and (stop is None or int(saved.get("epoch", 0)) <= stop)
         ):
-            rows.append(snap.add_row(trial, rows, saved, done=int(saved.get("epoch", 0)) >= max_t))
-            out.recovered.append(tid)
+            # the scheduler decides first (it repeats a decision it took before a kill), then
+            # the study is told, and the row is written last: a kill in between leaves the
+            # result to recover again, never a row whose decision or report is missing
+            row = snap.next_row(trial, rows, saved, done=int(saved.get("epoch", 0)) >= max_t)
             if int(saved.get("epoch", 0)) < max_t:
-                searcher_for(tid, ot).on_trial_result(tid, rows[-1])
                 if scheduler is not None:
-                    scheduler.on_trial_result(None, SimpleNamespace(trial_id=tid), rows[-1])
+                    scheduler.on_trial_result(None, SimpleNamespace(trial_id=tid), row)
                     stop = read_scheduler_state(exp).stopped_at(tid)
+                searcher_for(tid, ot).on_trial_result(tid, row)
+            snap.write_row(trial, row)
+            rows.append(row)
+            out.recovered.append(tid)
         at_stop = [r for r in rows if stop is not None and int(r.get("epoch", 0)) == stop]
         if at_stop:  # stopped by the scheduler before the kill: it ends there
             snap.close(trial, at_stop[-1])
@@ -220,6 +224,14 @@ def reconcile(exp: Experiment, space: Space, scheduler: Any | None = None) -> Re
             len(out.abandoned), len(out.recovered), len(out.closed), len(out.told),
         )
     return out
+
+
+def drop_staged_rows(store: Storage, snap: _TuneSnapshot | None = None) -> None:
+    """Before Tune restores the Tune experiment in `store` (the search's, or a phase's):
+    `_drop_staged_rows` for each trial of its last snapshot (`snap`, read when None)."""
+    snap = snap if snap is not None else _TuneSnapshot.load(store)
+    for trial in (snap.trials if snap else {}).values():
+        _drop_staged_rows(trial)
 
 
 def _drop_staged_rows(trial: Trial) -> None:
@@ -313,14 +325,17 @@ class _TuneSnapshot:
             trial.update_last_result({"config": trial.config, **last, "done": True})
         trial.set_status("TERMINATED")
 
-    def add_row(self, trial: Trial, rows: list[dict[str, Any]], metrics: dict[str, Any], done: bool) -> dict[str, Any]:
-        """Log a result that never reached Tune as its next row; return the row."""
+    @staticmethod
+    def next_row(trial: Trial, rows: list[dict[str, Any]], metrics: dict[str, Any], done: bool) -> dict[str, Any]:
+        """The row a result that never reached Tune takes after `rows`."""
         it = int(rows[-1].get("training_iteration", len(rows))) if rows else 0
-        row = {**metrics, "trial_id": trial.trial_id, "training_iteration": it + 1, "done": done, "config": trial.config}
+        return {**metrics, "trial_id": trial.trial_id, "training_iteration": it + 1, "done": done, "config": trial.config}
+
+    def write_row(self, trial: Trial, row: dict[str, Any]) -> None:
+        """Log `row` as the trial's next row."""
         text = "".join(line + "\n" for line in [*self._lines(trial), json.dumps(row)])
         rel = f"{trial.storage.trial_dir_name}/{EXPR_RESULT_FILE}"
         _write_bytes(self.store.fs, self.store.fs_path(rel), text.encode())
-        return row
 
     def save(self, closed: list[str]) -> None:
         """Write the state with the `closed` trials finished, and the search generator's

@@ -23,7 +23,7 @@ from ray.tune.search import Searcher
 from search.answer.stats import paired_difference, rounding_floor
 from search.experiment.folder import Experiment
 from search.experiment.phases import BASELINE, CONFIRM, Entry, phase_exists, phase_path, write_rounds
-from search.experiment.resume import CsvRows, JsonRows
+from search.experiment.resume import CsvRows, JsonRows, drop_staged_rows
 from search.experiment.trials import TrialRow
 from search.phases.console import TrialLines, ray_verbosity
 from search.phases.hparams import hparams_callback
@@ -31,6 +31,7 @@ from search.phases.schedulers import RecordedFIFO
 from search.phases.trial import train_or_report_failure, trial_trainable
 from spaces import Space
 from trainable.status import RUN_STATUS
+from trainable.storage import Storage
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
@@ -234,6 +235,7 @@ def run_phase(
     c = space.experiment.confirm
     seeds = list(seeds or space.confirm_seeds)
     if phase_exists(exp, phase):
+        drop_staged_rows(Storage(path))  # the rows kept in the phase's folder stay
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
