@@ -56,3 +56,20 @@ def test_a_stale_lease_is_taken_over_and_a_fresh_one_refused(tmp_path, caplog):
         assert "host elsewhere pid 1" in str(err)
     else:
         raise AssertionError("a live lease of another host was not refused")
+
+
+def test_a_lease_left_by_this_process_is_its_own_and_an_unwritable_release_is_one_warning(tmp_path, caplog):
+    store = Storage(str(tmp_path))
+    first = DriverLease(store, "exp")
+    first.acquire()
+    first._stop.set()  # a driver of this process that ended without releasing (its storage failed)
+    second = DriverLease(store, "exp")
+    second.acquire()  # the same process: not another driver
+    assert json.loads(store.read_text(LEASE_FILE))["token"] == second.token
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    second.store.write_text = full  # type: ignore[method-assign]
+    second.release()  # no exception: the lease goes stale
+    assert "was not released" in caplog.text

@@ -78,7 +78,9 @@ class DriverLease:
             return None
         age = time.time() - float(data.get("heartbeat", 0))
         host, pid = str(data.get("host")), int(data.get("pid", 0))
-        gone = host == self.host and pid != self.pid and not _pid_alive(pid)
+        if host == self.host and pid == self.pid:  # this process's own, left by a driver that ended
+            return None
+        gone = host == self.host and not _pid_alive(pid)
         if age > self.stale_s or gone:
             why = "its process is gone" if gone else f"its heartbeat is {age:.0f} s old (over {self.stale_s:.0f} s)"
             logger.warning("taking over the lease of %s from %s pid %d: %s", self.label, host, pid, why)
@@ -120,10 +122,14 @@ class DriverLease:
         if self._thread is not None:
             self._thread.join(timeout=self.heartbeat_s + 5)
             self._thread = None
-        data = self._read()
-        if data is not None and data.get("token") == self.token:
-            self.store.write_text(LEASE_FILE, json.dumps({**data, "released": True, "heartbeat": 0}) + "\n",
-                                  overwrite=True)
+        try:
+            data = self._read()
+            if data is not None and data.get("token") == self.token:
+                self.store.write_text(LEASE_FILE, json.dumps({**data, "released": True, "heartbeat": 0}) + "\n",
+                                      overwrite=True)
+        except OSError as err:  # a storage that stopped taking writes: the lease goes stale instead
+            logger.warning("the lease of %s was not released (%s); the next driver takes it over once it is stale "
+                           "or this process has ended", self.label, err)
 
     def __enter__(self) -> DriverLease:
         self.acquire()
