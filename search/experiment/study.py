@@ -110,7 +110,7 @@ class StudySearch(OptunaSearch):
             study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
             del trials[trial_id]
             study.set_user_attr(DUPLICATES, int(study.user_attrs.get(DUPLICATES, 0)) + 1)
-            logger.info("proposal identical to trial %d (%s): not trained, another proposed",
+            logger.debug("proposal identical to trial %d (%s): not trained, another proposed",
                         same.number, same.user_attrs.get(TUNE_TRIAL_ID))
         if TUNE_TRIAL_ID not in ot_trial.user_attrs:
             ot_trial.set_user_attr(TUNE_TRIAL_ID, trial_id)

@@ -262,13 +262,18 @@ class _ConsoleHandler(logging.Handler):
 
 
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+SHUTDOWN_LINES = (r"Exception ignored in: <function WeakSet\.__init__\.<locals>\._remove"
+                  r"|raise_sys_exit_with_custom_error_message|^Traceback \(most recent call last\):$")
+"""What a trial's driver prints when Tune ends it and its interpreter shuts down (an ignored
+exception in a weak-reference callback, with its traceback): no failure, so off the console
+unless `--verbose`; a real failure still shows its error line and its own trial line."""
 WORKER_LINES = r"^(?!.*(?i:error|exception|traceback|killed|out of memory))"
 """Worker output the console leaves out unless `--verbose`: every line that does not look like
 a failure (epoch lines, Ray Train's start-up lines). They stay in each run's log and in Ray's
 session logs; a failed trial also says why on its own line."""
 
 
-QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray._private.worker", "optuna")
+QUIET_LOGGERS = ("ray.tune", "ray.train", "ray.air", "ray._private.worker", "ray._private.authentication", "optuna")
 """Libraries whose INFO lines (Tune's 'wrote the experiment state', Ray's start-up, Optuna's
 'a new study created') the console leaves out unless `--verbose`; they log on their own handlers."""
 
@@ -289,7 +294,7 @@ def configure_console(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     if not verbose:
         os.environ[NEW_OUTPUT_ENV] = "0"
-        os.environ.setdefault(SKIP_LINES_ENV, f"{QUIET_WORKER_LINES}|{WORKER_LINES}")
+        os.environ.setdefault(SKIP_LINES_ENV, f"{QUIET_WORKER_LINES}|{SHUTDOWN_LINES}|{WORKER_LINES}")
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
 
