@@ -153,7 +153,8 @@ def test_search_survives_sigkills_and_resumes_to_one_consistent_story(tmp_path):
     rng = random.Random(SEED)
     exp_dir = tmp_path / "chaos"
     db = exp_dir / "optuna.db"
-    base = ["-m", "search.run", "--address", "local", "--storage-path", str(tmp_path), "--name", "chaos",
+    # --verbose: the kills wait for worker lines ("data digits:"), which the quiet console leaves out
+    base = ["-m", "search.run", "--verbose", "--address", "local", "--storage-path", str(tmp_path), "--name", "chaos",
             *[a for s in SETS for a in ("--set", s)]]
     drivers: list[Driver] = []
     kills: list[str] = []

@@ -513,8 +513,9 @@ def test_progress_of_a_phase(space, tty, monkeypatch):
                          "best val_acc 0.7000 (trial t0)")
     if tty:  # the bar was redrawn in place and erased at the end
         assert len(shown) == 2 and "ETA after the first trial" in out.getvalue()
-    else:  # one plain line a minute
-        assert shown[1:-1] == ["search: 1/4 done, 2 running, 1 to go, 1:31 elapsed, ETA 0:15"]
+    else:  # the first ETA as soon as a trial ended, then one plain line a minute
+        assert shown[1:-1] == ["search: 1/4 done, 2 running, 1 to go, 0:30 elapsed, ETA 0:30",
+                               "search: 1/4 done, 2 running, 1 to go, 1:31 elapsed, ETA 0:15"]
         assert "\r" not in out.getvalue()
 
 

@@ -325,7 +325,8 @@ def test_real_search_neither_retries_a_divergence_nor_a_config_error(ray_address
         *(f"search.{k}=null" for k in unsearched),
         f"search.model.pretrained={{choice: [{nan}, {bad}]}}",
     ]
-    args = ["--storage-path", str(tmp_path / "store"), "--name", "bad", "--address", ray_address]
+    # --verbose: the end-of-run table of every search trial with its reason
+    args = ["--storage-path", str(tmp_path / "store"), "--name", "bad", "--address", ray_address, "--verbose"]
     for s in sets:
         args += ["--set", s]
     started = _worker_groups_started()

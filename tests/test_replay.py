@@ -124,8 +124,11 @@ def test_concurrency_follows_the_recorded_epoch_times(tiny):
                                                                 + p[1] * p[0]))
 
 
-def test_the_replay_makes_the_same_decisions_as_a_real_tuner(tiny, ray_address, tmp_path):
+def test_the_replay_makes_the_same_decisions_as_a_real_tuner(tiny, ray_address, tmp_path, monkeypatch):
     from ray import tune
+
+    # Tune's own result files (a search in this process may have turned them off for its own)
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
 
     from search.experiment.audit import AuditLog, read_audit
     from search.experiment.folder import Experiment
@@ -179,9 +182,11 @@ def test_the_replay_makes_the_same_decisions_as_a_real_tuner(tiny, ray_address, 
 
 
 @pytest.mark.slow
-def test_a_recorded_curve_is_what_a_real_trial_reports(ray_address, tmp_path):
+def test_a_recorded_curve_is_what_a_real_trial_reports(ray_address, tmp_path, monkeypatch):
     """One (config, seed) of the recorder, bit for bit against a search trial of it."""
     from ray import tune
+
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)  # Tune's own result files
 
     from search.phases.trial import run_trial
     from spaces import load_space

@@ -408,6 +408,7 @@ class PhaseProgress(TrialLines):
         self.durations: dict[str, float] = {}
         self.slots = 0
         self._shown_at: float | None = None
+        self._first_eta = False
 
     # Tune's hooks -----------------------------------------------------------------------------------------
     def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
@@ -425,6 +426,7 @@ class PhaseProgress(TrialLines):
         tid = str(trial.trial_id)
         if tid in self.started and tid not in self.durations:
             self.durations[tid] = self.clock() - self.started[tid]
+            self._first_eta = self._first_eta or len(self.durations) == 1  # the phase's first ETA: shown now
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
         if self.phase is None:  # nothing ran in this Tune run
@@ -517,6 +519,6 @@ class PhaseProgress(TrialLines):
                 width = shutil.get_terminal_size().columns - 1  # a wrapped line could not be redrawn in place
                 LIVE.show(self.stream or sys.stdout, self.status(trials)[:width])
                 self._shown_at = now
-        elif self._shown_at is None or now - self._shown_at >= self.interval:
+        elif self._shown_at is None or now - self._shown_at >= self.interval or self._first_eta:
             self._out(self.status(trials))
-            self._shown_at = now
+            self._shown_at, self._first_eta = now, False
