@@ -183,3 +183,10 @@ def image_folder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "emu"), t
                 img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i:04d}.jpg", quality=90)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _tune_writes_its_own_result_files(monkeypatch):
+    """A search run in this process turns Tune's own result loggers off for itself (it keeps its
+    rows with its own loggers); no later test's plain Tuner inherits that."""
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
