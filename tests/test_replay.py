@@ -20,6 +20,7 @@ TINY = {
         "search.augment.randaugment.enabled=null", "search.augment.randaugment.magnitude=null",
         "search.batch.global_batch=null", "train.run.epochs=3", "experiment.scheduler.grace_period=1",
         "experiment.num_samples=4",
+        "experiment.scheduler.schedule=plain",  # one curve per run: the search's and the confirmation's
     ],
 }
 SEEDS = range(6)

@@ -1,4 +1,10 @@
-"""A resumed search is the same search: the real driver (`tests.fake_driver`: the real
+"""A resumed search is the same search.
+
+Fast: the real searcher and audited ASHA on recorded curves (the replay's simulated clock),
+the scheduler rebuilt from the experiment folder after a decision, at every result of a
+search, must decide exactly as the one never restarted.
+
+Slow: the real driver (`tests.fake_driver`: the real
 searcher, audited ASHA, reconciliation, confirmation, ablation and answer, with each trial's
 training replaced by fixed curves and a checkpoint record), one trial at a time, is killed
 with SIGKILL at chosen events (right after a rung decision, right after a study write and
@@ -19,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.replay.replay import HERE as REPLAY, load_table, replay_search, replay_space
 from search.experiment.audit import read_scheduler_state
 from search.experiment.folder import SEARCH_INFO, Experiment
 from search.experiment.study import ABANDONED, DUPLICATE_OF, DUPLICATES, TUNE_TRIAL_ID, load_study
@@ -138,11 +145,35 @@ def kill_points(events: list[str], n: int) -> list[int]:
     return points
 
 
+def _decided(run: Any, folder: Path) -> dict[str, Any]:
+    state = read_scheduler_state(Experiment.at(str(folder)))
+    rows = [(r.trial_id, r.status, r.epochs, json.dumps(r.values, sort_keys=True), r.final) for r in run.rows]
+    return {"order": run.order, "rows": rows, "decisions": state.decisions, "audited": state.audited,
+            "rungs": state.rungs, "stopped": state.num_stopped}
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_scheduler_rebuilt_after_any_decision_decides_as_one_never_rebuilt(tmp_path, concurrency):
+    table = load_table(REPLAY / "tables" / "quickstart.json.gz")
+    space = replay_space(table, ["experiment.num_samples=10", "experiment.scheduler.audit=0.5"])
+    (tmp_path / "ref").mkdir()
+    reference = replay_search(space, table, 0, concurrency, str(tmp_path / "ref"))
+    decided = _decided(reference, tmp_path / "ref")
+    actions = {a for _, _, a in reference.order}
+    assert "STOP" in actions and "CONTINUE" in actions and decided["audited"], decided  # stops, promotions, audits
+    n = len(reference.order)
+    assert n >= 20, n
+    # one kill after each decision, and one chain killed after every decision
+    for k, restarts in [*((k, {k}) for k in range(1, n + 1)), ("all", set(range(1, n + 1)))]:
+        folder = tmp_path / f"kill-{k}"
+        folder.mkdir()
+        run = replay_search(space, table, 0, concurrency, str(folder), restart_after=restarts)
+        assert len(run.repeated) == len(restarts)
+        assert all(before == again for _, _, before, again in run.repeated), (k, run.repeated)
+        assert _decided(run, folder) == decided, k
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "not yet: over 25 kills the search's trials, stop/promote decisions and audit, the ablation and the winner "
-    "equal the reference's, but a confirmation seed-run killed late (the baseline's second seed) is missing from "
-    "the phase's measured values, so the killed chain ends 'confirming' (unconfirmed) instead of 'finished'"))
 def test_killed_and_resumed_search_decides_exactly_as_one_never_killed(drivers, tmp_path):
     started = time.monotonic()
     ref_dir, ref_events = tmp_path / "reference", tmp_path / "reference.events"

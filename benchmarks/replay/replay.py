@@ -54,6 +54,23 @@ class Table:
     recipe: dict[str, Any]
     curves: dict[str, dict[int, list[tuple[int, float, float, str | None]]]]
     values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rung: dict[str, dict[int, list[tuple[int, float, float, str | None]]]] | None = None
+    """The same runs under the rung schedule (the cosine restarted at the recipe's rungs),
+    where the recipe recorded it."""
+
+    def search_curves(self, space: Any) -> dict[str, dict[int, list[tuple[int, float, float, str | None]]]]:
+        """The curves a search trial of `space` reports: the rung schedule's where the space's
+        ASHA runs it (the table must have it, recorded at the same rungs), else the plain ones."""
+        s = space.experiment.scheduler
+        if s.kind == "fifo" or s.schedule != "rung":
+            return self.curves
+        recipe = replay_space(Table(self.name, {**self.recipe, "replay_overrides": []}, {}))
+        recorded = recipe.experiment.scheduler
+        if self.rung is None or recorded.schedule != "rung" or (
+                recorded.rungs(recipe.train.run.epochs) != s.rungs(space.train.run.epochs)):
+            raise ValueError(f"table {self.name}: no rung-schedule curves at the rungs of this space "
+                             f"({s.rungs(space.train.run.epochs)}); replay it with experiment.scheduler.schedule=plain")
+        return self.rung
 
     @property
     def seeds(self) -> list[int]:
@@ -86,11 +103,14 @@ def load_table(path: str | Path) -> Table:
     if hashlib.sha256(body.encode()).hexdigest() != data["sha256"]:
         raise ValueError(f"{path}: checksum mismatch")
     curves: dict[str, dict[int, list[Any]]] = {}
+    rung: dict[str, dict[int, list[Any]]] = {}
     values: dict[str, dict[str, Any]] = {}
     for row in data["rows"]:
         curves.setdefault(row["config"], {})[int(row["seed"])] = [tuple(p) for p in row["plain"]]
+        if "rung" in row:
+            rung.setdefault(row["config"], {})[int(row["seed"])] = [tuple(p) for p in row["rung"]]
         values[row["config"]] = row["values"]
-    return Table(data["name"], data["recipe"], curves, values)
+    return Table(data["name"], data["recipe"], curves, values, rung or None)
 
 
 def null_table(table: Table, baseline: str, seed: int = 0) -> Table:
@@ -99,11 +119,13 @@ def null_table(table: Table, baseline: str, seed: int = 0) -> Table:
     keeps its own), so every config is a draw from the baseline's seed distribution."""
     rng = np.random.default_rng(seed)
     seeds = table.seeds
-    curves = {}
+    curves, rung = {}, {}
     for key in table.curves:
         perm = seeds if key == baseline else [seeds[i] for i in rng.permutation(len(seeds))]
         curves[key] = {s: table.curves[baseline][p] for s, p in zip(seeds, perm)}
-    return Table(f"{table.name} (null)", table.recipe, curves, dict(table.values))
+        if table.rung is not None:  # the same run under both schedules
+            rung[key] = {s: table.rung[baseline][p] for s, p in zip(seeds, perm)}
+    return Table(f"{table.name} (null)", table.recipe, curves, dict(table.values), rung or None)
 
 
 REBASES: dict[str, list[str]] = {
@@ -118,7 +140,7 @@ REBASES: dict[str, list[str]] = {
 def rebased(table: Table, name: str) -> Table:
     """The table with the space's base (the baseline) moved (`REBASES`)."""
     recipe = {**table.recipe, "replay_overrides": [*table.recipe.get("replay_overrides", []), *REBASES[name]]}
-    return Table(f"{table.name} (baseline: {name})", recipe, table.curves, table.values)
+    return Table(f"{table.name} (baseline: {name})", recipe, table.curves, table.values, table.rung)
 
 
 # The simulated executor --------------------------------------------------------------------------------
@@ -158,12 +180,20 @@ class SearchRun:
     """trial id -> its results, in order."""
     keys: dict[str, str] = field(default_factory=dict)
     """trial id -> the table's key of its config."""
+    repeated: list[tuple[str, int, str, str]] = field(default_factory=list)
+    """(trial id, epoch, decision before the restart, decision of the restarted scheduler)."""
 
 
 def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder: str,
-                  constant_liar: bool = False) -> SearchRun:
+                  constant_liar: bool = False, restart_after: set[int] | None = None) -> SearchRun:
     """The search phase on the table's curves at `seed`: the real searcher and scheduler, a
-    simulated clock with `concurrency` trials at once."""
+    simulated clock with `concurrency` trials at once.
+
+    `restart_after`: the 1-based numbers of the results after whose decision the driver is
+    killed and restarted: the scheduler is built anew from the experiment folder (as
+    `Tuner.restore` rebuilds it from the state saved when the search started), told of the
+    trials still running, and the trial whose result it was reports that epoch again from its
+    checkpoint; the restarted scheduler's decision goes on (`SearchRun.repeated` keeps both)."""
     from ray.tune.schedulers import TrialScheduler
 
     from benchmarks.replay.record import config_key
@@ -194,6 +224,7 @@ def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder:
     scheduler = make_scheduler(space, exp)
     metric, max_t = space.experiment.metric, space.train.run.epochs
     n_total = space.experiment.num_samples
+    curves = table.search_curves(space)
     clock, started, epochs_used = 0.0, 0, 0
     events: list[tuple[float, int, str]] = []  # (time, tie-break, trial id)
     trials: dict[str, FakeTrial] = {}
@@ -202,6 +233,7 @@ def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder:
     trained: set[str] = set()
     duplicates = 0
     order: list[tuple[str, int, str]] = []
+    repeated: list[tuple[str, int, str, str]] = []
     tick = 0
 
     def start() -> None:
@@ -216,7 +248,7 @@ def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder:
             duplicates += 1
         trained.add(key)
         reports[tid] = []
-        heapq.heappush(events, (clock + table.curves[key][seed][0][2], tick, tid))
+        heapq.heappush(events, (clock + curves[key][seed][0][2], tick, tid))
         tick += 1
 
     while started < n_total or events:
@@ -225,7 +257,7 @@ def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder:
         clock, _, tid = heapq.heappop(events)
         trial = trials[tid]
         i = len(reports[tid])
-        epoch, value, _, status = table.curves[keys[tid]][seed][i]
+        epoch, value, _, status = curves[keys[tid]][seed][i]
         result = {metric: value, "epoch": epoch, "training_iteration": i + 1, "trial_id": tid}
         if status:
             from trainable.status import RUN_STATUS
@@ -235,6 +267,14 @@ def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder:
         epochs_used += 1
         action = scheduler.on_trial_result(None, trial, result)
         order.append((tid, epoch, action))
+        if restart_after and len(order) in restart_after:
+            scheduler = make_scheduler(space, exp)
+            for t in trials.values():
+                if t.status == "RUNNING":
+                    scheduler.on_trial_add(None, t)
+            again = scheduler.on_trial_result(None, trial, dict(result))
+            repeated.append((tid, epoch, action, again))
+            action = again
         if action != TrialScheduler.STOP:
             searcher.on_trial_result(tid, result)
         if action == TrialScheduler.STOP or epoch >= max_t or status:
@@ -242,12 +282,12 @@ def replay_search(space: Any, table: Table, seed: int, concurrency: int, folder:
             scheduler.on_trial_complete(None, trial, result)
             searcher.on_trial_complete(tid, result=result)
         else:
-            heapq.heappush(events, (clock + table.curves[keys[tid]][seed][i + 1][2], tick, tid))
+            heapq.heappush(events, (clock + curves[keys[tid]][seed][i + 1][2], tick, tid))
             tick += 1
     results = [FakeResult(tid, trials[tid].config, reports[tid]) for tid in trials]
     rows = summarise(results, space, audited=read_audit(exp))
     refused = int(searcher._ot_study.user_attrs.get(DUPLICATES, 0))
-    return SearchRun(rows, epochs_used, duplicates, refused, order, searcher._ot_study, reports, keys)
+    return SearchRun(rows, epochs_used, duplicates, refused, order, searcher._ot_study, reports, keys, repeated)
 
 
 def rung_taus(space: Any, run: SearchRun, truth: dict[str, Any]) -> dict[int, float]:
@@ -380,6 +420,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},
     "audit 0": {"overrides": ["experiment.scheduler.audit=0"]},
     "fifo (no early stopping)": {"overrides": ["experiment.scheduler={kind: fifo}"]},
+    # the search's trials on one cosine over the whole run (their rung scores mid-cosine)
+    "schedule plain": {"overrides": ["experiment.scheduler.schedule=plain"]},
     "concurrency 4": {"concurrency": 4},
     "concurrency 16": {"concurrency": 16},
     "concurrency 32": {"concurrency": 32},
