@@ -99,7 +99,7 @@ def run_search(
     """Run (or with `resume`, continue) the search; `callbacks` are extra Tune callbacks.
     A resumed search first reconciles the study with Tune's last snapshot
     (`search.experiment.resume.reconcile`, with the scheduler's decisions read back from
-    `audit.json`); one killed before Tune saved anything starts Tune afresh. The driver holds
+    `scheduler/audit.json`); one killed before Tune saved anything starts Tune afresh. The driver holds
     the experiment's lease (`search.experiment.lease`) throughout: a second driver is refused."""
     from search.experiment.audit import read_audit
     from search.experiment.lease import DriverLease

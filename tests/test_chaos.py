@@ -255,3 +255,90 @@ def test_search_survives_sigkills_and_resumes_to_one_consistent_story(tmp_path):
     table = format_table(rows, space)
     assert set(table.splitlines()) <= set(final.output().splitlines())  # the CLI's table: the same trials
     print(table, f"orphans marked FAIL: {len(orphans)}", sep="\n")
+
+
+ONE_AT_A_TIME = [
+    "train.data.subset=1.0",
+    "train.data.image_size=16",
+    "train.run.epochs=2",
+    "experiment.num_samples=4",
+    "experiment.max_concurrent_trials=1",  # one trial at a time: the order, and so the search, is deterministic
+    "experiment.scheduler.grace_period=1",  # a rung at epoch 1: ASHA stops and promotes
+    "experiment.sampler.n_startup_trials=2",
+    "train.distributed.num_workers=1",
+    "experiment.confirm=null",
+]
+
+
+def _decisions(exp_dir: Path) -> dict:
+    """The search's trials in the order they were proposed (values, epochs reported with their
+    metric, final state) and ASHA's decision at each rung, keyed by that order."""
+    from search.experiment.audit import read_scheduler_state
+
+    study = load_study(str(exp_dir / "optuna.db"), exp_dir.name)
+    search = sorted((t for t in study.trials if TUNE_TRIAL_ID in t.user_attrs and not t.user_attrs.get(ABANDONED)
+                     and DUPLICATE_OF not in t.user_attrs), key=lambda t: t.number)
+    order = {t.user_attrs[TUNE_TRIAL_ID]: i for i, t in enumerate(search)}
+    state = read_scheduler_state(Experiment.at(str(exp_dir)))
+    return {"trials": [(t.params, sorted(t.intermediate_values.items()), t.state.name) for t in search],
+            "decisions": {order[tid]: d for tid, d in state.decisions.items()}}
+
+
+def test_a_real_search_killed_three_times_decides_as_one_never_killed(tmp_path):
+    """Real training, one trial at a time: the search killed (driver and its Ray) during a
+    trial's first epoch and twice right after a trial ended, and resumed each time, trains the
+    same configs to the same metrics and takes the same ASHA decisions as the search run once
+    without a kill."""
+    # the same experiment name in two storage folders: the name seeds the rung audit's picks
+    def args(storage: str, resume: bool) -> list[str]:
+        return ["-m", "search.run", "--verbose", "--address", "local", "--storage-path", str(tmp_path / storage),
+                "--name", "once", *[a for s in ONE_AT_A_TIME for a in ("--set", s)], *(["--resume"] if resume else [])]
+
+    reference = Driver(args("reference", False), tmp_path / "reference.log")
+    _wait(reference, lambda: False)
+    assert reference.proc.returncode == 0, reference.output()[-4000:]
+    expected = _decisions(tmp_path / "reference" / "once")
+    assert any("STOP" in d.values() for d in expected["decisions"].values()), expected  # ASHA stopped a trial
+    assert len(expected["trials"]) == 4, expected
+
+    exp_dir = tmp_path / "killed" / "once"
+    db = exp_dir / "optuna.db"
+    drivers: list[Driver] = []
+    kills: list[str] = []
+
+    def ended_trials_grow(d: Driver) -> Callable[[], bool]:
+        counts: list[int] = []
+
+        def fire() -> bool:
+            n = _finished_in_study(db)
+            if n is not None:
+                counts.append(n)
+            return len(counts) > 1 and counts[-1] > counts[0]
+
+        return fire
+
+    def in_first_epoch(d: Driver) -> Callable[[], bool]:
+        return lambda: d.output().count("data digits:") >= 1 and time.monotonic() - d.started > 5
+
+    t0 = time.monotonic()
+    try:
+        for what, plan in [("during a trial's first epoch", in_first_epoch), ("right after a trial ended", ended_trials_grow),
+                           ("right after a trial ended", ended_trials_grow)]:
+            d = Driver(args("killed", (exp_dir / SEARCH_INFO).exists()), tmp_path / f"killed{len(drivers)}.log")
+            drivers.append(d)
+            if not _wait(d, plan(d)):
+                break
+            d.kill()
+            kills.append(f"{what} at {time.monotonic() - t0:.0f}s (finished in study: {_finished_in_study(db)})")
+        final = Driver(args("killed", True), tmp_path / "final.log")
+        drivers.append(final)
+        _wait(final, lambda: False)
+        assert final.proc.returncode == 0, final.output()[-4000:]
+    finally:
+        for d in [reference, *drivers]:
+            if d.alive():
+                d.kill()
+            d.leftovers(wait_s=30)
+    print(f"\n{len(kills)} kills in {time.monotonic() - t0:.0f}s:", *kills, sep="\n  ")
+    assert len(kills) == 3, kills
+    assert _decisions(exp_dir) == expected

@@ -361,3 +361,24 @@ def test_result_rows_stay_in_the_experiment_across_drivers(tmp_path: Path):
     assert [json.loads(x)["epoch"] for x in (kept / "result.json").read_text().splitlines()] == [1, 2, 3]
     csv = (kept / "progress.csv").read_text().splitlines()
     assert len(csv) == 4 and csv[0].startswith("trial_id") and [c.split(",")[1] for c in csv[1:]] == ["1", "2", "3"]
+
+
+def test_the_scheduler_state_is_out_of_reach_of_a_restored_tuners_sync(tmp_path: Path):
+    """A restored Tuner copies the experiment's top-level .json and .pkl files into its
+    staging folder and syncs them all back later (Ray's `sync_down_experiment_state`, listing
+    one level): the scheduler's state, rewritten at every decision, must not be among them.
+    An experiment made when it lived at the top level is still read."""
+    from ray.train._internal.storage import _list_at_fs_path
+    from pyarrow.fs import LocalFileSystem
+
+    from search.experiment.audit import AuditLog, SchedulerState
+
+    log = AuditLog(str(tmp_path))
+    log.save_state(SchedulerState(audited={"t1": 2}, stop_decisions=1))
+    copied_back = [p for p in _list_at_fs_path(LocalFileSystem(), str(tmp_path)) if p.endswith((".json", ".pkl"))]
+    assert copied_back == [] and log.load_state().audited == {"t1": 2}
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "audit.json").write_text(SchedulerState(audited={"t9": 1}, stop_decisions=3).to_json())
+    assert AuditLog(str(legacy)).load_state().stop_decisions == 3

@@ -4,7 +4,7 @@ answer is right.
 
 What runs is the project's own: the searcher (`make_searcher`: Optuna TPE behind Ray's
 OptunaSearch, with the duplicate rule), the scheduler (`make_scheduler`: the audited ASHA,
-its audit written to `audit.json` in a scratch experiment folder), the trial rows
+its audit written to `scheduler/audit.json` in a scratch experiment folder), the trial rows
 (`summarise`), the confirmation and ablation plans (`confirm_plan`, `ablation_plan`), the
 confirmation's rounds of seeds (`SeedRounds`, racing when the space says so) and its reader
 (`read_phase`), the verdict (`decide`), the gain over the baseline and `--verify`'s rule (`verify_rule`). Only

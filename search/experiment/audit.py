@@ -1,6 +1,11 @@
-"""`<experiment>/audit.json`: what the search's scheduler decided, kept in the experiment as
-it decides, because Tune does not checkpoint schedulers (a restored Tuner rebuilds ASHA from
-the pickle written when the search started, with empty rungs).
+"""`<experiment>/scheduler/audit.json`: what the search's scheduler decided, kept in the
+experiment as it decides, because Tune does not checkpoint schedulers (a restored Tuner
+rebuilds ASHA from the pickle written when the search started, with empty rungs).
+
+It lives in a folder of its own: a restored Tuner copies every `.json` and `.pkl` file at the
+experiment's top level into its driver's staging folder and, when it syncs, copies them all
+back, so a file there that the driver changed since would be put back as it was at the
+restore.
 
 It holds the trials the rung audit ran to the end (trial id -> the rung epoch at which ASHA
 would have stopped them) and the number of stop decisions so far, ASHA's rung records
@@ -19,7 +24,8 @@ from search.experiment.folder import Experiment
 
 __all__ = ["AUDIT_FILE", "AuditLog", "SchedulerState", "read_audit", "read_scheduler_state"]
 
-AUDIT_FILE = "audit.json"
+AUDIT_FILE = "scheduler/audit.json"
+LEGACY_AUDIT_FILE = "audit.json"  # where experiments made before kept it: read, never written
 
 
 def read_audit(exp: Experiment) -> dict[str, int]:
@@ -67,17 +73,18 @@ class SchedulerState:
 
 
 class AuditLog:
-    """`audit.json` of one experiment (picklable: Tune keeps the scheduler in its state)."""
+    """`scheduler/audit.json` of one experiment (picklable: Tune keeps the scheduler in its state)."""
 
     def __init__(self, experiment_path: str) -> None:
         self.path = experiment_path
 
     def load_state(self) -> SchedulerState:
         store = Experiment.at(self.path).store
-        if not store.exists(AUDIT_FILE):
+        name = next((n for n in (AUDIT_FILE, LEGACY_AUDIT_FILE) if store.exists(n)), None)
+        if name is None:
             return SchedulerState()
         try:
-            return SchedulerState.from_json(store.read_text(AUDIT_FILE))
+            return SchedulerState.from_json(store.read_text(name))
         except (ValueError, KeyError, TypeError, AttributeError):
             return SchedulerState()
 

@@ -133,10 +133,10 @@ def reconcile(exp: Experiment, space: Space, scheduler: Any | None = None) -> Re
       both with its last row (the resumed training would report nothing more), the study
       told as the searcher would have;
     - a trial Tune finished whose end never reached the study is told now;
-    - a trial the scheduler had stopped (its decision is in `audit.json`, written before Tune
+    - a trial the scheduler had stopped (its decision is in `scheduler/audit.json`, written before Tune
       acts on it) is finished in both at the epoch it was stopped at, never trained further;
       a result recovered from a training checkpoint is first decided by `scheduler` (the
-      search's, reading the same `audit.json`), as Tune would have had it arrived.
+      search's, reading the same `scheduler/audit.json`), as Tune would have had it arrived.
 
     A trial the study marked FAIL is retried like any errored trial (`--resume` retries
     those), and the study keeps its FAIL. Tune's corrected state is written as a new

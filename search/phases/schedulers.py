@@ -3,7 +3,7 @@
 The audit lets a fraction of the trials ASHA stops run to the end anyway; comparing their
 scores at the rung where ASHA stopped them with their final scores (rank correlation per
 rung, in the report) says how far the early stopping of this search can be trusted.
-Audited trials are listed in `<experiment>/audit.json` (`search.experiment.audit`).
+Audited trials are listed in `<experiment>/scheduler/audit.json` (`search.experiment.audit`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class AuditedASHA(ASHAScheduler):
     Audited trials no longer take part in the rungs, so the audit does not change which other
     trials ASHA stops.
 
-    Every rung record and every decision taken at a rung is written to `audit.json`
+    Every rung record and every decision taken at a rung is written to `scheduler/audit.json`
     (`search.experiment.audit`) before Tune acts on it; a restarted scheduler reads it back
     on first use, and a decision already taken for a trial's epoch (or a stop at an earlier
     epoch) is repeated, never taken again."""
