@@ -470,3 +470,20 @@ def test_verify_says_whether_fresh_seeds_land_in_the_confirmed_interval(answered
     assert line.startswith("verify: val_acc") and ("inside" if inside else "outside") in line
     assert "prediction interval" in line
     assert f"{sum(values) / 2:.4f}" in line and f"[{lo:.4f}, {hi:.4f}]" in line
+
+
+def test_a_tie_with_a_config_that_is_not_the_best_without_some_tricks_answers_the_best(small_space):
+    """Tied with the best by mean, a config that changes a trick the best does not (here
+    cutmix instead of label smoothing) is no simpler an answer: the best answers, as a tie."""
+    base = _measured("baseline", "baseline", [0.90, 0.91, 0.92])
+    best = _measured("candidate 1", "candidate", [0.955, 0.965, 0.975], {"label_smoothing": 0.1})
+    other = _measured("candidate 2", "candidate", [0.951, 0.955, 0.972], {"mix.mode": "cutmix"})
+    d = decide([best, other, base], small_space)
+    assert d.verdict == TIE and d.winner is best and d.runner_up is other
+    assert d.vs_runner_up["ci95"][0] <= 0 <= d.vs_runner_up["ci95"][1]
+    msg = verdict_message(d, small_space, None)
+    assert msg.startswith("Tie: candidate 1") and "the best by mean, is statistically tied with candidate 2" in msg
+    # the best with one more trick than a tied sub-config: the sub-config answers
+    more = _measured("candidate 3", "candidate", [0.956, 0.966, 0.976], {"label_smoothing": 0.1, "mix.mode": "cutmix"})
+    d = decide([more, best, base], small_space)
+    assert d.verdict == TIE and d.winner is best and d.runner_up is more

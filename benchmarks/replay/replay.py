@@ -94,6 +94,26 @@ class Table:
                 "best_gain": d.mean, "best_gain_ci95": list(d.ci95)}
 
 
+def main_effects(table: Table, baseline: str) -> dict[str, dict[str, Any]]:
+    """Each searched key's main effect over the grid, per value that differs from the
+    baseline's: per seed, the mean final score of the configs with that value minus the mean
+    of those with the baseline's value (all other keys averaged over the grid), with its mean
+    and paired 95% CI over the seeds ("key=value" -> {"mean", "ci95"})."""
+    from search.answer.stats import summarise_values
+
+    base = table.values[baseline]
+    out: dict[str, dict[str, Any]] = {}
+    for key in base:
+        for value in sorted({json.dumps(v[key]) for v in table.values.values()} - {json.dumps(base[key])}):
+            with_v = [k for k, v in table.values.items() if json.dumps(v[key]) == value]
+            with_b = [k for k, v in table.values.items() if v[key] == base[key]]
+            per_seed = [float(np.nanmean([table.final(k, s) for k in with_v]) - np.nanmean([table.final(k, s) for k in with_b]))
+                        for s in table.seeds]
+            summary = summarise_values(per_seed)
+            out[f"{key}={json.loads(value)}"] = {"mean": summary.mean, "ci95": list(summary.ci95)}
+    return out
+
+
 def load_table(path: str | Path) -> Table:
     import hashlib
 
@@ -437,6 +457,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "racing, cap 3": {"overrides": ["experiment.confirm.racing=true"]},
     "racing, cap 5": {"overrides": ["experiment.confirm.racing=true", "experiment.confirm.seeds=5"]},
     "racing, cap 5, top 2": {"overrides": ["experiment.confirm={top_k: 2, seeds: 5, racing: true}"]},
+    # the tricks table's confirmation is already the top 3 on 5 seeds: its own variations
+    "confirm on 3 seeds": {"overrides": ["experiment.confirm.seeds=3"]},
+    "racing": {"overrides": ["experiment.confirm.racing=true"]},
+    "racing, top 4": {"overrides": ["experiment.confirm={top_k: 4, racing: true}"]},
+    "16 trials": {"overrides": ["experiment.num_samples=16"]},
 }
 
 
@@ -553,6 +578,24 @@ def markdown(lines: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
+def print_truths(table: Table) -> None:
+    """Each config's mean over the table's seeds (best first), the best's paired gain over the
+    baseline and every searched value's main effect, with 95% CIs."""
+    space = replay_space(table)
+    from benchmarks.replay.record import config_key
+
+    base = config_key(space, space.base_values)
+    truth = table.truth(base)
+    for key, mean in sorted(truth["means"].items(), key=lambda kv: -kv[1]):
+        mark = " (baseline)" if key == base else " (best)" if key == truth["best"] else ""
+        print(f"{mean:.4f}  {key}{mark}")
+    lo, hi = truth["best_gain_ci95"]
+    print(f"best - baseline: {100 * truth['best_gain']:+.2f} pp (95% CI {100 * lo:+.2f} to {100 * hi:+.2f}) "
+          f"over {len(table.seeds)} seeds")
+    for name, e in main_effects(table, base).items():
+        print(f"main effect {name}: {100 * e['mean']:+.2f} pp (95% CI {100 * e['ci95'][0]:+.2f} to {100 * e['ci95'][1]:+.2f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.replay.replay", description=__doc__.splitlines()[0])
     p.add_argument("--table", default="quickstart")
@@ -562,6 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rebase", choices=sorted(REBASES), help="move the baseline (the space's base) of the table")
     p.add_argument("--out", help="append each setting's figures as one JSON line here")
     p.add_argument("--markdown", metavar="JSONL", help="only print the figures of a --out file as a Markdown table")
+    p.add_argument("--truths", action="store_true",
+                   help="only print the table's truths: each config's mean, the best's gain and the main effects")
     args = p.parse_args(argv)
     if args.markdown:
         print(markdown([json.loads(x) for x in Path(args.markdown).read_text().splitlines() if x.strip()]))
@@ -577,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     table = load_table(HERE / "tables" / f"{args.table}.json.gz")
     if args.rebase:
         table = rebased(table, args.rebase)
+    if args.truths:
+        print_truths(table)
+        return 0
     for name in args.settings:
         fig = run_setting(table, SETTINGS[name], args.n, null=args.null)
         line = {"table": table.name + (" (null)" if args.null else ""), "setting": name, **fig}

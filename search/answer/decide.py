@@ -10,7 +10,9 @@ The rules, in order:
   must beat the baseline with a paired 95% interval above 0, else the verdict is "no gain"
   and the answer is the baseline;
 - configs tied with the best (paired interval containing 0) that are themselves shown
-  better than the baseline make a tie, answered by the one with the fewest tricks;
+  better than the baseline make a tie, answered by the best without the tricks it is not
+  shown to need: the tied config with the fewest tricks among those whose every changed trick
+  the best changes to the same value (else the best by mean answers);
 - intervals never have zero width (an accuracy's spread is floored at the rounding spread of
   its step of one validation image, `spread_floor`) and an accuracy's interval stays inside [0, 1];
 - with fewer than 3 seeds the verdict is weak, and says so;
@@ -43,7 +45,8 @@ WINNER, TIE, NO_GAIN, UNCONFIRMED = "winner", "tie", "no gain over baseline", "u
 class Decision:
     """The outcome of a confirmation: the winner, the runner-up, the verdict and the paired
     comparisons (winner minus other, signed so that positive means the winner is better).
-    For a tie, `runner_up` is the config the winner is tied with (the best by mean)."""
+    For a tie, `runner_up` is the config the winner is tied with: the best by mean when a
+    simpler config answers, else the best-ranked config tied with the best."""
 
     winner: Measured
     runner_up: Measured | None
@@ -108,6 +111,15 @@ def _contains_zero(diff: dict[str, Any] | None) -> bool:
     return diff is None or diff["ci95"][0] <= 0.0 <= diff["ci95"][1]
 
 
+def _trick_values(space: Space, m: Measured) -> frozenset[tuple[str, str]]:
+    """The tricks a config changes from the base, each with the values of it and its children."""
+    import json
+
+    base = space.base_values
+    return frozenset((t, json.dumps([m.entry.values.get(k, base[k]) for k in (t, *space.tricks[t])], sort_keys=True))
+                     for t in space.changed_tricks(m.entry.values))
+
+
 def _with_adjusted(diff: dict[str, Any] | None) -> dict[str, Any] | None:
     """The gain over the baseline with its selection-adjusted value (`adjusted`)."""
     if diff is None:
@@ -156,14 +168,21 @@ def decide(measured: list[Measured], space: Space) -> Decision | None:
     else:
         tied = [m for m in ranked[1:] if m is not baseline and _contains_zero(gain(best, m))
                 and _shown_better(gain(m, baseline))]
-        if tied:  # statistically tied with the best, and better than the baseline: the simplest
+        if tied:  # statistically tied with the best, and better than the baseline
             verdict = TIE
-            pool = [best, *tied]
-            winner = min(pool, key=lambda m: (len(space.changed_tricks(m.entry.values)), ranked.index(m)))
+            # the best without the tricks it is not shown to need: a tied config whose every
+            # changed trick the best changes to the same value; another config tied with the
+            # best (another batch, another mix) is no simpler an answer than the best itself
+            mine = _trick_values(space, best)
+            simpler = [m for m in tied if _trick_values(space, m) < mine]
+            winner = min([best, *simpler], key=lambda m: (len(_trick_values(space, m)), ranked.index(m)))
         else:
             verdict, winner = WINNER, best
     others = [m for m in ranked if m is not winner]
-    runner_up = best if verdict == TIE and winner is not best else (others[0] if others else None)
+    if verdict == TIE:
+        runner_up = best if winner is not best else tied[0]
+    else:
+        runner_up = others[0] if others else None
     pb = p_best({m.entry.label: m.values for m in done}, mode=space.experiment.mode) if len(seeds) >= 2 else {}
     return Decision(
         winner, runner_up, baseline, verdict,
@@ -213,6 +232,12 @@ def verdict_message(d: Decision | None, space: Space, best_search: TrialRow | No
         vs = (f"; {_pp(gain['adjusted'], metric)} over the baseline (adjusted for having been selected; "
               f"paired mean {_pp(gain['delta'], metric)}, 95% CI {_pp(gain['ci95'][0], metric)} to "
               f"{_pp(gain['ci95'][1], metric)})")
+    if d.verdict == TIE and d.runner_up is not None and d.vs_runner_up and d.vs_runner_up["delta"] >= 0:
+        r = d.runner_up
+        return (f"Tie: {w.entry.label} ({tricks}), the best by mean, is statistically tied with {r.entry.label} "
+                f"({_fmt(sum(r.values) / len(r.values), metric)}); both beat the baseline, and no config tied with "
+                f"it is {w.entry.label} without some of its tricks, so the best by mean is the answer, "
+                f"{metric} {ci}{vs}." + weak + unstable)
     if d.verdict == TIE and d.runner_up is not None:
         r = d.runner_up
         return (f"Tie: {w.entry.label} ({tricks}) is statistically tied with {r.entry.label}, the best by mean "
