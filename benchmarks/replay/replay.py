@@ -460,7 +460,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # the tricks table's confirmation is already the top 3 on 5 seeds: its own variations
     "confirm on 3 seeds": {"overrides": ["experiment.confirm.seeds=3"]},
     "racing": {"overrides": ["experiment.confirm.racing=true"]},
-    "racing, top 4": {"overrides": ["experiment.confirm={top_k: 4, racing: true}"]},
+    "racing, top 4": {"overrides": ["experiment.confirm={top_k: 4, seeds: 5, racing: true}"]},
     "16 trials": {"overrides": ["experiment.num_samples=16"]},
 }
 

@@ -33,7 +33,8 @@ AUDITED = "audited_at_rung"  # user attr of a trial the rung audit ran to the en
 PHASE = "phase"  # user attr of a study trial run outside the search (confirmation, ablation)
 DUPLICATE_OF = "duplicate_of"  # user attr of a proposal identical to an earlier search trial (FAIL, not trained)
 DUPLICATES = "duplicate_proposals"  # study user attr: how many proposals were duplicates
-DUPLICATE_RETRIES = 16
+DUPLICATE_RETRIES = 16  # proposals of the study's sampler refused as duplicates before ...
+RANDOM_RETRIES = 16  # ... a uniform random sampler proposes, for a config no trial has trained
 _TAKEN = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
@@ -89,29 +90,37 @@ class StudySearch(OptunaSearch):
         is running, or failed for its config or data (it would fail the same way), i.e. one
         that would train the same config again at the same budget, is not trained: it stays in the study as FAIL with user attr `duplicate_of` (the
         earlier trial's number; TPE ignores FAIL trials and already holds the earlier result),
-        and the sampler proposes another, up to `DUPLICATE_RETRIES` times; after that the
-        duplicate is trained (the space is exhausted). The study user attr
-        `duplicate_proposals` counts them."""
+        and the sampler proposes another, up to `DUPLICATE_RETRIES` times; then a uniform
+        random sampler proposes, up to `RANDOM_RETRIES` times (TPE sure of its best keeps
+        proposing it while configs no trial has seen remain); after that the duplicate is
+        trained (the space is exhausted). The study user attr `duplicate_proposals` counts
+        them."""
         study = ot_study(self)
         trials = ot_trials(self)
         if trial_id in trials:  # a restored proposal
             return super().suggest(trial_id)
         search = [t for t in study.get_trials(deepcopy=False) if _searched(t)]
-        for attempt in range(DUPLICATE_RETRIES + 1):
-            if getattr(self, "_seed", None) is not None:
-                reseed_sampler(study.sampler, zlib.crc32(f"{self._seed}:{len(search)}:{attempt}".encode()))
-            config = super().suggest(trial_id)
-            ot_trial = trials[trial_id]
-            same = next((t for t in search if t.params == ot_trial.params
-                         and (t.state in _TAKEN or t.user_attrs.get(RUN_STATUS) == FAILED)), None)
-            if same is None or attempt == DUPLICATE_RETRIES:
-                break
-            ot_trial.set_user_attr(DUPLICATE_OF, same.number)
-            study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
-            del trials[trial_id]
-            study.set_user_attr(DUPLICATES, int(study.user_attrs.get(DUPLICATES, 0)) + 1)
-            logger.debug("proposal identical to trial %d (%s): not trained, another proposed",
-                        same.number, same.user_attrs.get(TUNE_TRIAL_ID))
+        own = study.sampler
+        try:
+            for attempt in range(DUPLICATE_RETRIES + RANDOM_RETRIES + 1):
+                if attempt == DUPLICATE_RETRIES:
+                    study.sampler = optuna.samplers.RandomSampler()
+                if getattr(self, "_seed", None) is not None:
+                    reseed_sampler(study.sampler, zlib.crc32(f"{self._seed}:{len(search)}:{attempt}".encode()))
+                config = super().suggest(trial_id)
+                ot_trial = trials[trial_id]
+                same = next((t for t in search if t.params == ot_trial.params
+                             and (t.state in _TAKEN or t.user_attrs.get(RUN_STATUS) == FAILED)), None)
+                if same is None or attempt == DUPLICATE_RETRIES + RANDOM_RETRIES:
+                    break
+                ot_trial.set_user_attr(DUPLICATE_OF, same.number)
+                study.tell(ot_trial, state=TrialState.FAIL, skip_if_finished=True)
+                del trials[trial_id]
+                study.set_user_attr(DUPLICATES, int(study.user_attrs.get(DUPLICATES, 0)) + 1)
+                logger.debug("proposal identical to trial %d (%s): not trained, another proposed",
+                             same.number, same.user_attrs.get(TUNE_TRIAL_ID))
+        finally:
+            study.sampler = own
         if TUNE_TRIAL_ID not in ot_trial.user_attrs:
             ot_trial.set_user_attr(TUNE_TRIAL_ID, trial_id)
         return config
