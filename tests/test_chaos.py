@@ -43,6 +43,19 @@ RUN_TIMEOUT_S = 900  # one driver's life, bounded
 FINISHED = ("COMPLETE", "PRUNED")
 
 
+def _a_trial_ended(db: Path) -> Callable[[], bool]:
+    """True once the study holds more finished trials than at its first readable count."""
+    counts: list[int] = []  # the first readable count, then the latest
+
+    def fire() -> bool:
+        n = _finished_in_study(db)
+        if n is not None:
+            counts.append(n)
+        return len(counts) > 1 and counts[-1] > counts[0]
+
+    return fire
+
+
 def _finished_in_study(db: Path) -> int | None:
     """Trials the study has finished (read-only; the driver may be writing), or None while
     the study cannot be read (not created yet, or a killed writer's journal not yet rolled
@@ -176,15 +189,7 @@ def test_search_survives_sigkills_and_resumes_to_one_consistent_story(tmp_path):
         return fire
 
     def after_trial_end(d: Driver) -> Callable[[], bool]:
-        counts: list[int] = []  # the first readable count of this driver's life, then the latest
-
-        def fire() -> bool:
-            n = _finished_in_study(db)
-            if n is not None:
-                counts.append(n)
-            return len(counts) > 1 and counts[-1] > counts[0]
-
-        return fire
+        return _a_trial_ended(db)
 
     def at_random(d: Driver, after_s: float) -> Callable[[], bool]:
         return lambda: time.monotonic() - d.started > after_s
@@ -307,15 +312,7 @@ def test_a_real_search_killed_three_times_decides_as_one_never_killed(tmp_path):
     kills: list[str] = []
 
     def ended_trials_grow(d: Driver) -> Callable[[], bool]:
-        counts: list[int] = []
-
-        def fire() -> bool:
-            n = _finished_in_study(db)
-            if n is not None:
-                counts.append(n)
-            return len(counts) > 1 and counts[-1] > counts[0]
-
-        return fire
+        return _a_trial_ended(db)
 
     def in_first_epoch(d: Driver) -> Callable[[], bool]:
         return lambda: d.output().count("data digits:") >= 1 and time.monotonic() - d.started > 5
