@@ -283,6 +283,32 @@ def test_diverged_seeds_are_read_as_a_status_from_the_phase(tmp_path):
     assert m.status == "done"  # every seed ended; one of them as a status
 
 
+def test_a_seed_run_restored_by_a_resumed_driver_is_read_to_its_last_epoch(tmp_path):
+    """A seed-run killed with its driver and restored from its epoch-5 checkpoint reports
+    epoch 6 with Tune's training_iteration counting from 1 again: its value is epoch 6's and
+    the config is done (it was read as unfinished, and the experiment never ended)."""
+    import pandas as pd
+
+    from search.experiment.folder import Experiment
+
+    space = load_space(QUICKSTART, ["train.run.epochs=6"])
+    seeds = space.confirm_seeds
+    rows = [{"seed": s, "epoch": e, "val_acc": 0.1 * e, "training_iteration": e} for s in seeds[:-1] for e in range(1, 7)]
+    # the last seed: epochs 1-4 by the killed driver, epoch 6 after the restore (its epoch-5
+    # checkpoint came back without a report of epoch 5 in this file)
+    rows += [{"seed": seeds[-1], "epoch": e, "val_acc": 0.1 * e, "training_iteration": e} for e in range(1, 5)]
+    rows += [{"seed": seeds[-1], "epoch": 6, "val_acc": 0.92, "training_iteration": 1}]
+
+    class R:
+        config = {"entry": {"label": "baseline", "role": "baseline", "values": space.base_values}}
+        metrics = {"trial_id": "t1"}
+        metrics_dataframe = pd.DataFrame(rows)
+        error = None
+
+    (m,) = read_phase(Experiment.at(str(tmp_path)), CONFIRM, space, results=[R()])
+    assert m.seeds == list(seeds) and m.values[-1] == 0.92 and m.status == "done"
+
+
 def test_no_baseline_result_is_unconfirmed_with_the_reason(small_space):
     c1 = _measured("candidate 1", "candidate", [0.95, 0.96, 0.97], {"mix.mode": "cutmix"})
     base = _measured("baseline", "baseline", [0.90])

@@ -114,7 +114,10 @@ def read_phase(exp: Experiment, phase: str, space: Space, results: Any = None) -
             m.status, m.error = FAILED, str((r.metrics or {}).get("error") or FAILED)
         if df is not None and metric in df and "seed" in df:
             for seed, rows in df[df["seed"].notna()].groupby("seed"):
-                rows = rows.sort_values("training_iteration") if "training_iteration" in rows else rows
+                # in epoch order; a report repeated for an epoch keeps its latest last (the
+                # rows are in the order reported). Not Tune's training_iteration: a trial
+                # restored from its checkpoint by a resumed driver counts again from 1
+                rows = rows.sort_values("epoch", kind="stable")
                 m.curves[int(seed)] = [(int(e), float(v)) for e, v in zip(rows["epoch"], rows[metric])
                                        if not (isinstance(v, float) and math.isnan(v))]
                 m.trial_ids[int(seed)] = tid
