@@ -261,16 +261,11 @@ def test_a_diverged_seed_is_a_status_and_never_the_answer(metric):
     assert d.verdict == UNCONFIRMED and d.winner is good and "baseline is unstable" in d.reason
 
 
-def test_diverged_seeds_are_read_as_a_status_from_the_phase(tmp_path):
+def _read_baseline_rows(space, rows: list[dict], tmp_path) -> list:
+    """`read_phase` of a confirmation whose one Tune trial (the baseline) reported `rows`."""
     import pandas as pd
 
     from search.experiment.folder import Experiment
-
-    space = load_space(QUICKSTART, ["train.run.epochs=2"])
-    seeds = space.confirm_seeds
-    rows = [{"seed": seeds[0], "epoch": e, "val_acc": 0.9, "training_iteration": e} for e in (1, 2)]
-    rows += [{"seed": seeds[1], "epoch": 1, "val_acc": 0.0, "run_status": "diverged", "training_iteration": 3}]
-    rows += [{"seed": seeds[2], "epoch": e, "val_acc": 0.8, "training_iteration": 3 + e} for e in (1, 2)]
 
     class R:
         config = {"entry": {"label": "baseline", "role": "baseline", "values": space.base_values}}
@@ -278,7 +273,17 @@ def test_diverged_seeds_are_read_as_a_status_from_the_phase(tmp_path):
         metrics_dataframe = pd.DataFrame(rows)
         error = None
 
-    (m,) = read_phase(Experiment.at(str(tmp_path)), CONFIRM, space, results=[R()])
+    return read_phase(Experiment.at(str(tmp_path)), CONFIRM, space, results=[R()])
+
+
+def test_diverged_seeds_are_read_as_a_status_from_the_phase(tmp_path):
+    space = load_space(QUICKSTART, ["train.run.epochs=2"])
+    seeds = space.confirm_seeds
+    rows = [{"seed": seeds[0], "epoch": e, "val_acc": 0.9, "training_iteration": e} for e in (1, 2)]
+    rows += [{"seed": seeds[1], "epoch": 1, "val_acc": 0.0, "run_status": "diverged", "training_iteration": 3}]
+    rows += [{"seed": seeds[2], "epoch": e, "val_acc": 0.8, "training_iteration": 3 + e} for e in (1, 2)]
+
+    (m,) = _read_baseline_rows(space, rows, tmp_path)
     assert m.values == [0.9, 0.8] and m.seeds == [seeds[0], seeds[2]] and m.diverged == [seeds[1]]
     assert m.status == "done"  # every seed ended; one of them as a status
 
@@ -287,10 +292,6 @@ def test_a_seed_run_restored_by_a_resumed_driver_is_read_to_its_last_epoch(tmp_p
     """A seed-run killed with its driver and restored from its epoch-5 checkpoint reports
     epoch 6 with Tune's training_iteration counting from 1 again: its value is epoch 6's and
     the config is done (it was read as unfinished, and the experiment never ended)."""
-    import pandas as pd
-
-    from search.experiment.folder import Experiment
-
     space = load_space(QUICKSTART, ["train.run.epochs=6"])
     seeds = space.confirm_seeds
     rows = [{"seed": s, "epoch": e, "val_acc": 0.1 * e, "training_iteration": e} for s in seeds[:-1] for e in range(1, 7)]
@@ -299,13 +300,7 @@ def test_a_seed_run_restored_by_a_resumed_driver_is_read_to_its_last_epoch(tmp_p
     rows += [{"seed": seeds[-1], "epoch": e, "val_acc": 0.1 * e, "training_iteration": e} for e in range(1, 5)]
     rows += [{"seed": seeds[-1], "epoch": 6, "val_acc": 0.92, "training_iteration": 1}]
 
-    class R:
-        config = {"entry": {"label": "baseline", "role": "baseline", "values": space.base_values}}
-        metrics = {"trial_id": "t1"}
-        metrics_dataframe = pd.DataFrame(rows)
-        error = None
-
-    (m,) = read_phase(Experiment.at(str(tmp_path)), CONFIRM, space, results=[R()])
+    (m,) = _read_baseline_rows(space, rows, tmp_path)
     assert m.seeds == list(seeds) and m.values[-1] == 0.92 and m.status == "done"
 
 

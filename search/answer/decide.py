@@ -23,6 +23,7 @@ The rules, in order:
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,8 +114,6 @@ def _contains_zero(diff: dict[str, Any] | None) -> bool:
 
 def _trick_values(space: Space, m: Measured) -> frozenset[tuple[str, str]]:
     """The tricks a config changes from the base, each with the values of it and its children."""
-    import json
-
     base = space.base_values
     return frozenset((t, json.dumps([m.entry.values.get(k, base[k]) for k in (t, *space.tricks[t])], sort_keys=True))
                      for t in space.changed_tricks(m.entry.values))
